@@ -1,0 +1,3 @@
+from chexformer.cli import main
+
+raise SystemExit(main())

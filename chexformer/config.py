@@ -1,0 +1,326 @@
+"""Run configuration: one dataclass, loaded from YAML, overridden from the command line, validated.
+
+Every parameter of the original seed script is a field with its name in lower case
+(``img_size``, ``batch_size``, ...). The resolved config is written into every run folder so
+that a run can be reproduced from that file alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["Config", "ConfigError", "load_config", "add_config_arguments", "config_from_args"]
+
+
+class ConfigError(ValueError):
+    """A config file or command-line override that cannot be used; the message lists every problem."""
+
+
+# Kermany file names: personNNN_bacteria_MMM / personNNN_virus_MMM -> personNNN;
+# IM-XXXX-NNNN, NORMAL2-IM-XXXX-NNNN -> IM-XXXX.
+DEFAULT_PATIENT_REGEX = r"(person\d+)|(IM-\d+)(?=-\d+)"
+
+
+@dataclass
+class Config:
+    """Everything a run needs. Field names of the seed script are kept, in lower case."""
+
+    # --- image and batches -------------------------------------------------------------------
+    img_size: int = 224
+    """Square input side in pixels; a multiple of 32 (DenseNet121 downsamples by 32)."""
+    batch_size: int = 16
+    validation_split: float = 0.2
+    """Fraction of ``train/`` held out for validation, grouped by patient, stratified by class."""
+
+    # --- transformer -------------------------------------------------------------------------
+    arch: str = "hybrid"
+    """'hybrid' (DenseNet121 + Transformer, the chexformer model) or 'linear' (DenseNet121 with a
+    pooled linear head, the ablation baseline)."""
+    d_model: int = 256
+    num_heads: int = 8
+    ffn_dim: int = 512
+    num_layers: int = 2
+    dropout_rate: float = 0.2
+
+    # --- optimisation ------------------------------------------------------------------------
+    init_lr: float = 1e-4
+    """AdamW learning rate of the transformer and head."""
+    backbone_lr_scale: float = 0.1
+    """Unfrozen backbone stages train at ``init_lr * backbone_lr_scale``."""
+    weight_decay: float = 1e-4
+    epochs: int = 30
+    min_lr: float = 1e-6
+    patience: int = 5
+    """Early stopping: epochs without a lower validation loss before training stops."""
+    lr_patience: int = 2
+    """ReduceLROnPlateau: epochs without improvement before the rate is multiplied by lr_factor."""
+    lr_factor: float = 0.3
+    label_smoothing: float = 0.0
+
+    # --- backbone ----------------------------------------------------------------------------
+    freeze_cnn: bool = False
+    """Freeze the whole DenseNet121 backbone (BatchNorm statistics included)."""
+    fine_tune_layers: int = 0
+    """With freeze_cnn: leave the last k DenseNet stages trainable (1 = denseblock4 + norm5,
+    2 adds transition3 + denseblock3, ..., 5 = everything)."""
+    backbone_weights: str = "file"
+    """'file': load ``pretrained_path`` (CheXNet, torchvision or chexformer format), warn if it
+    is missing; 'imagenet': torchvision's ImageNet weights (needs internet once); 'none'."""
+    pretrained_path: str = "pretrained/model.pth.tar"
+    trust_checkpoint: bool = False
+    """Allow full unpickling of ``pretrained_path`` (only for files from a source you trust)."""
+
+    # --- data --------------------------------------------------------------------------------
+    data_dir: str = "data"
+    out_dir: str = "runs/chexformer"
+    patient_regex: str = DEFAULT_PATIENT_REGEX
+    """Regular expression whose first non-empty group (or whole match) is the patient id."""
+    keep_aspect: bool = False
+    """Resize keeping the aspect ratio and pad to a square, instead of stretching."""
+    augment: bool = True
+    rotation_deg: float = 7.0
+    translate: float = 0.06
+    scale_min: float = 0.9
+    scale_max: float = 1.1
+    brightness: float = 0.15
+    contrast: float = 0.15
+    class_weighting: str = "pos_weight"
+    """'pos_weight' (loss weights from training counts), 'sampler' (balanced sampling), 'none'."""
+    strict: bool = False
+    """Treat unreadable images as an error instead of skipping and reporting them."""
+    num_workers: int = 2
+    preload: str = "auto"
+    """Decode and resize every image once and keep the uint8 tensors in memory: 'auto' (when
+    the dataset fits in ``preload_max_gb``), 'on', 'off'."""
+    preload_max_gb: float = 4.0
+
+    # --- fast frozen path --------------------------------------------------------------------
+    cache_features: str = "auto"
+    """Backbone feature cache when the backbone is fully frozen: 'auto' (memory), 'memory',
+    'disk', 'off'."""
+    cache_views: int = 4
+    """Augmented views cached per training image (1 = no augmentation)."""
+    cache_dir: str = ""
+    """Where the disk cache lives; default ``OUT_DIR/feature_cache``."""
+
+    # --- evaluation ----------------------------------------------------------------------------
+    threshold_method: str = "youden"
+    """How the decision threshold is chosen on validation: 'youden' or 'sensitivity'."""
+    target_sensitivity: float = 0.95
+
+    # --- runtime -----------------------------------------------------------------------------
+    seed: int = 42
+    accelerator: str = "auto"
+    devices: str = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"
+    """'auto' (bf16-mixed where the CPU or GPU supports it, else 32), '32', 'bf16-mixed', '16-mixed'."""
+    channels_last: bool = True
+    compile: bool = False
+    log_images_every: int = 5
+    """Write feature and attention maps to TensorBoard every this many epochs (0 = never)."""
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` listing every problem at once."""
+        problems = []
+
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                problems.append(msg)
+
+        need(self.img_size >= 32 and self.img_size % 32 == 0,
+             f"img_size must be a positive multiple of 32 (DenseNet121 downsamples by 32), got {self.img_size}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(0.0 < self.validation_split < 1.0,
+             f"validation_split must lie strictly between 0 and 1, got {self.validation_split}")
+        need(self.d_model >= 1, f"d_model must be >= 1, got {self.d_model}")
+        need(self.num_heads >= 1, f"num_heads must be >= 1, got {self.num_heads}")
+        if self.d_model >= 1 and self.num_heads >= 1:
+            need(self.d_model % self.num_heads == 0,
+                 f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+        need(self.ffn_dim >= 1, f"ffn_dim must be >= 1, got {self.ffn_dim}")
+        need(self.num_layers >= 0, f"num_layers must be >= 0, got {self.num_layers}")
+        need(0.0 <= self.dropout_rate < 1.0, f"dropout_rate must lie in [0, 1), got {self.dropout_rate}")
+        for name in ("init_lr", "min_lr", "weight_decay", "backbone_lr_scale"):
+            need(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
+        need(self.init_lr > 0, f"init_lr must be positive, got {self.init_lr}")
+        need(self.min_lr <= self.init_lr, f"min_lr ({self.min_lr}) must not exceed init_lr ({self.init_lr})")
+        need(0.0 < self.lr_factor < 1.0, f"lr_factor must lie in (0, 1), got {self.lr_factor}")
+        need(0.0 <= self.label_smoothing < 0.5, f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        need(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
+        need(self.lr_patience >= 0, f"lr_patience must be >= 0, got {self.lr_patience}")
+        need(0 <= self.fine_tune_layers <= 5,
+             f"fine_tune_layers must lie in 0..5 (DenseNet121 stages), got {self.fine_tune_layers}")
+        need(not (self.fine_tune_layers > 0 and not self.freeze_cnn),
+             f"fine_tune_layers={self.fine_tune_layers} only applies with freeze_cnn=true "
+             "(with freeze_cnn=false the whole backbone already trains)")
+        need(self.arch in ("hybrid", "linear"), f"arch must be 'hybrid' or 'linear', got {self.arch!r}")
+        need(self.backbone_weights in ("file", "imagenet", "none"),
+             f"backbone_weights must be 'file', 'imagenet' or 'none', got {self.backbone_weights!r}")
+        need(self.class_weighting in ("pos_weight", "sampler", "none"),
+             f"class_weighting must be 'pos_weight', 'sampler' or 'none', got {self.class_weighting!r}")
+        need(self.cache_features in ("auto", "memory", "disk", "off"),
+             f"cache_features must be 'auto', 'memory', 'disk' or 'off', got {self.cache_features!r}")
+        need(self.cache_views >= 1, f"cache_views must be >= 1, got {self.cache_views}")
+        need(self.preload in ("auto", "on", "off"), f"preload must be 'auto', 'on' or 'off', got {self.preload!r}")
+        need(self.threshold_method in ("youden", "sensitivity"),
+             f"threshold_method must be 'youden' or 'sensitivity', got {self.threshold_method!r}")
+        need(0.0 < self.target_sensitivity <= 1.0,
+             f"target_sensitivity must lie in (0, 1], got {self.target_sensitivity}")
+        need(self.precision in ("auto", "32", "bf16-mixed", "16-mixed", "bf16-true"),
+             f"precision must be 'auto', '32', 'bf16-mixed', '16-mixed' or 'bf16-true', got {self.precision!r}")
+        need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        need(self.num_nodes >= 1, f"num_nodes must be >= 1, got {self.num_nodes}")
+        need(0.0 <= self.rotation_deg <= 30.0, f"rotation_deg must lie in [0, 30], got {self.rotation_deg}")
+        need(0.0 <= self.translate <= 0.3, f"translate must lie in [0, 0.3], got {self.translate}")
+        need(0.5 <= self.scale_min <= self.scale_max <= 1.5,
+             f"need 0.5 <= scale_min <= scale_max <= 1.5, got {self.scale_min}, {self.scale_max}")
+        need(0.0 <= self.brightness < 1.0 and 0.0 <= self.contrast < 1.0,
+             "brightness and contrast jitter must lie in [0, 1)")
+        try:
+            import re
+
+            re.compile(self.patient_regex)
+        except re.error as exc:
+            problems.append(f"patient_regex is not a valid regular expression: {exc}")
+        if problems:
+            raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+
+    # ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> Config:
+        """Build and validate a config; unknown keys and wrongly typed values are errors."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of field names to values, got {type(data).__name__}")
+        known = {f.name: f for f in fields(cls)}
+        problems = []
+        kwargs = {}
+        for key, value in data.items():
+            name = str(key).replace("-", "_").lower()
+            if name not in known:
+                close = _close_matches(name, known)
+                problems.append(f"unknown key {key!r}" + (f" (did you mean {close}?)" if close else ""))
+                continue
+            try:
+                kwargs[name] = _coerce(value, _field_type(cls, name), name)
+            except ConfigError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise ConfigError(f"{source}:\n  - " + "\n  - ".join(problems))
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def replace(self, **changes: Any) -> Config:
+        """A validated copy with some fields changed."""
+        return Config.from_dict({**self.to_dict(), **changes})
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _field_type(cls: type, name: str) -> type:
+    return typing.get_type_hints(cls)[name]
+
+
+def _close_matches(name: str, known: dict) -> str:
+    import difflib
+
+    return ", ".join(difflib.get_close_matches(name, list(known), n=2))
+
+
+_TRUE = {"true", "yes", "1", "on"}
+_FALSE = {"false", "no", "0", "off"}
+
+
+def _coerce(value: Any, typ: type, name: str) -> Any:
+    """Convert ``value`` (from YAML or a command-line string) to ``typ`` or raise ConfigError."""
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(str(value).strip()) if isinstance(value, str) else int(value)
+        if typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if typ is str:
+            if value is None or isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ConfigError(f"{name}: expected {typ.__name__}, got {value!r}")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then ``overrides``; validated."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of field names to values")
+        # Validate the file's own keys first so the message names the file.
+        Config.from_dict(loaded, source=str(path))
+        data.update(loaded)
+    data.update(overrides or {})
+    return Config.from_dict(data, source=str(path) if path else "config")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config FILE`` and one ``--field-name VALUE`` option per config field."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file with config fields")
+    group = parser.add_argument_group("config fields (override the YAML file)")
+    hints = typing.get_type_hints(Config)
+    for f in fields(Config):
+        typ = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        group.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f"cfg__{f.name}",
+            metavar={bool: "BOOL", int: "INT", float: "FLOAT"}.get(typ, "STR"),
+            default=None,
+            help=f"(default: {default!r})",
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    overrides = {k[5:]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
+    return load_config(getattr(args, "config", None), overrides)
+

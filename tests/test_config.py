@@ -1,0 +1,86 @@
+import argparse
+
+import pytest
+import yaml
+
+from chexformer.config import Config, ConfigError, add_config_arguments, config_from_args, load_config
+
+SEED_FIELDS = ["img_size", "batch_size", "validation_split", "d_model", "num_heads", "ffn_dim", "num_layers",
+               "init_lr", "epochs", "min_lr", "patience", "dropout_rate", "freeze_cnn", "fine_tune_layers"]
+
+
+def test_every_seed_parameter_is_a_field():
+    cfg = Config()
+    for name in SEED_FIELDS + ["data_dir", "pretrained_path", "out_dir", "seed", "precision"]:
+        assert hasattr(cfg, name), name
+    assert cfg.data_dir == "data" and cfg.pretrained_path == "pretrained/model.pth.tar"
+    cfg.validate()
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = Config(img_size=128, d_model=64, num_heads=4, freeze_cnn=True, fine_tune_layers=2, init_lr=3e-4)
+    path = tmp_path / "run" / "config.yaml"
+    cfg.save(path)
+    assert load_config(path) == cfg
+    assert yaml.safe_load(path.read_text())["img_size"] == 128
+
+
+def test_command_line_overrides_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("img_size: 128\nbatch_size: 4\nfreeze_cnn: true\n")
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    args = parser.parse_args(["--config", str(path), "--img-size", "96", "--freeze-cnn", "false", "--init-lr", "1e-3"])
+    cfg = config_from_args(args)
+    assert (cfg.img_size, cfg.batch_size, cfg.freeze_cnn, cfg.init_lr) == (96, 4, False, 1e-3)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"d_model": 100, "num_heads": 8}, "divisible by num_heads"),
+        ({"validation_split": 0.0}, "validation_split"),
+        ({"validation_split": 1.0}, "validation_split"),
+        ({"init_lr": -1e-3}, "init_lr"),
+        ({"min_lr": -1.0}, "min_lr"),
+        ({"dropout_rate": 1.5}, "dropout_rate"),
+        ({"img_size": 100}, "multiple of 32"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"fine_tune_layers": 2}, "freeze_cnn=true"),
+        ({"fine_tune_layers": 9, "freeze_cnn": True}, "fine_tune_layers"),
+        ({"backbone_weights": "chexnet"}, "backbone_weights"),
+        ({"patient_regex": "(unclosed"}, "patient_regex"),
+    ],
+)
+def test_validation_errors(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        Config.from_dict(changes)
+
+
+def test_all_problems_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        Config.from_dict({"d_model": 100, "validation_split": 2.0, "init_lr": -1})
+    text = str(err.value)
+    assert "divisible" in text and "validation_split" in text and "init_lr" in text
+
+
+def test_unknown_key_and_bad_type(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("img_sise: 128\nbatch_size: many\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "unknown key 'img_sise'" in str(err.value) and "img_size" in str(err.value)
+    assert "batch_size: expected int" in str(err.value)
+
+
+def test_bool_and_int_coercion():
+    assert Config.from_dict({"freeze_cnn": "yes", "epochs": "3"}).freeze_cnn is True
+    with pytest.raises(ConfigError, match="freeze_cnn"):
+        Config.from_dict({"freeze_cnn": "maybe"})
+    with pytest.raises(ConfigError, match="epochs"):
+        Config.from_dict({"epochs": 2.5})
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/config.yaml")
