@@ -1,19 +1,198 @@
-"""Command-line entry point: ``chexformer <command>`` and ``python -m chexformer <command>``."""
+"""Command-line entry point: ``chexformer <command>`` and ``python -m chexformer <command>``.
+
+Commands: ``demo`` (the whole pipeline on a generated data set), ``train``, ``evaluate``,
+``explain``, ``predict``, ``export``, ``summary`` (the model a config builds).
+Every config field is an option: ``--img-size 128 --freeze-cnn true``; ``--config FILE`` reads YAML.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 from chexformer import __version__
+from chexformer.config import ConfigError, add_config_arguments, config_from_args, load_config
+
+log = logging.getLogger("chexformer")
+
+# The embedded default: a small synthetic data set and a model sized to finish in minutes on 2 CPU cores.
+DEMO_OVERRIDES = {
+    "img_size": 128, "batch_size": 16, "d_model": 64, "num_heads": 4, "ffn_dim": 128, "num_layers": 2,
+    "epochs": 8, "patience": 4, "init_lr": 5e-4, "backbone_lr_scale": 1.0, "dropout_rate": 0.1,
+    "backbone_weights": "none", "num_workers": 0, "log_images_every": 2, "validation_split": 0.25,
+}
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _explicit(args: argparse.Namespace) -> dict:
+    return {k[5:]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from chexformer.train import train
+
+    if args.resume and not args.config:
+        out = _explicit(args).get("out_dir")
+        stored = Path(out) / "config.yaml" if out else None
+        if stored and stored.is_file():
+            log.info("--resume: using the run's stored config %s (command-line options still override)", stored)
+            args.config = str(stored)
+    cfg = config_from_args(args)
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from chexformer.synthetic import make_synthetic_dataset
+    from chexformer.train import train
+
+    explicit = _explicit(args)
+    out = Path(explicit.get("out_dir", "runs/demo"))
+    data_dir = Path(explicit.get("data_dir", out / "demo-data"))
+    if not (data_dir / "train").is_dir():
+        log.info("generating the synthetic demo data set in %s", data_dir)
+        make_synthetic_dataset(data_dir, n_per_class=args.images_per_class, img_size=128, seed=0)
+    base = load_config(args.config) if args.config else None
+    overrides = {**DEMO_OVERRIDES, **explicit, "out_dir": str(out), "data_dir": str(data_dir)}
+    cfg = load_config(None, {**(base.to_dict() if base else {}), **overrides})
+    log.info("demo: synthetic chest-radiograph-like images, random backbone init, img_size %d, %d epochs",
+             cfg.img_size, cfg.epochs)
+    summary = train(cfg, resume=args.resume)
+    log.info("demo finished: open %s/results/report.html", summary["out_dir"])
+    return 0
+
+
+def cmd_summary(args: argparse.Namespace) -> int:
+    import torch
+
+    from chexformer.model import build_model, count_parameters
+
+    cfg = config_from_args(args)
+    model = build_model(cfg, num_classes=args.num_classes).eval()
+    print(model)
+    trainable, frozen = count_parameters(model)
+    x = torch.zeros(1, 3, cfg.img_size, cfg.img_size)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+    print(f"\ninput (1, 3, {cfg.img_size}, {cfg.img_size}) -> backbone map {tuple(feats.shape)} -> "
+          f"{feats.shape[-1] * feats.shape[-2]} tokens + class token -> logits {tuple(model(x).shape)}")
+    print(f"parameters: {trainable:,} trainable, {frozen:,} frozen")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from chexformer.evaluate import evaluate_checkpoint
+
+    results = evaluate_checkpoint(args.checkpoint, args.data_dir, args.out_dir,
+                                  target_sensitivity=args.target_sensitivity, n_boot=args.n_boot,
+                                  strict=args.strict)
+    print(json.dumps({k: v for k, v in results.items() if k in ("threshold", "n_images")}, indent=2))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from chexformer.explain_cli import explain_files
+
+    explain_files(args.checkpoint, args.images, args.out_dir)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from chexformer.predict import predict_paths
+
+    rows = predict_paths(args.checkpoint, args.paths, args.output, batch_size=args.batch_size, tta=args.tta)
+    failed = sum(1 for r in rows if r.get("error"))
+    log.info("wrote %d rows to %s (%d unreadable)", len(rows), args.output, failed)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from chexformer.checkpoint import load_checkpoint
+    from chexformer.export import export_model
+
+    model, meta = load_checkpoint(args.checkpoint)
+    path = export_model(model, meta, args.format, Path(args.output))
+    log.info("exported %s (metadata in %s.json)", path, path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="chexformer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"chexformer {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train on DATA_DIR/train, evaluate on DATA_DIR/test")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from checkpoints/last.ckpt")
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="generate a small synthetic data set and run the whole pipeline on it")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--images-per-class", type=int, default=100)
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("summary", help="build the model a config describes and print it")
+    p.add_argument("--num-classes", type=int, default=2)
+    add_config_arguments(p)
+    p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("evaluate", help="metrics with CIs, plots and an HTML report for a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-dir", required=True, help="a folder with one sub-folder per class (e.g. DATA/test)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--target-sensitivity", type=float, default=None,
+                   help="report at the validation threshold reaching this sensitivity instead of Youden's J")
+    p.add_argument("--n-boot", type=int, default=1000)
+    p.add_argument("--strict", action="store_true", help="unreadable images are an error, not a reported skip")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("explain", help="attention rollout, Grad-CAM and feature maps for images")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("images", nargs="+")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("predict", help="probabilities and labels for image files or folders, as CSV")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (average over small shifts)")
+    p.add_argument("paths", nargs="+")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    p.add_argument("--output", required=True)
+    p.set_defaults(func=cmd_export)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="chexformer", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"chexformer {__version__}")
-    parser.parse_args(argv)
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    _setup_logging(args.verbose)
+    from chexformer.data import DatasetLayoutError, ImageReadError
+    from chexformer.weights import WeightsError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetLayoutError, ImageReadError, WeightsError, FileExistsError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
 
 
 if __name__ == "__main__":

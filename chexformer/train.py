@@ -1,0 +1,598 @@
+"""Training with Lightning: the LightningModule, the DataModule and ``train(cfg)``.
+
+A run folder ``OUT/`` holds ``config.yaml`` (resolved), ``split.csv``, ``checkpoints/best.ckpt``
+(lowest validation loss), ``checkpoints/last.ckpt`` (every epoch, for ``--resume``),
+``checkpoints/final.ckpt`` (the weights training ended with), ``tensorboard/`` and
+``history.csv``. Checkpoints are written atomically (temporary file, then rename), so a kill at
+any moment leaves the previous complete file in place.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from chexformer.cache import CachedFeatureDataset, FeatureCache, cache_key
+from chexformer.checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointMeta
+from chexformer.config import Config
+from chexformer.model import build_model
+from chexformer.runtime import autocast_dtype, resolve_accelerator, resolve_precision
+from chexformer.weights import init_backbone
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ChexFormerModule", "XrayDataModule", "train", "RunExistsError"]
+
+
+class RunExistsError(FileExistsError):
+    """The output folder already holds a run's checkpoints."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+class XrayDataModule(L.LightningDataModule):
+    """``DATA/train`` (split by patient into train/val, or ``DATA/val`` as is) and ``DATA/test``."""
+
+    def __init__(self, cfg: Config, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.class_names: list[str] = []
+        self.train_samples: list = []
+        self.val_samples: list = []
+        self.test_samples: list = []
+        self.skipped: list[tuple[Path, str]] = []
+        self.ignored = 0
+        self.val_source = "split"
+        self._scanned = False
+        self._built = False
+        self.train_set = self.val_set = None
+        self.train_images = self.val_images = None  # image datasets, also when features are cached
+        self.cached = False
+
+    # --- scanning and splitting ---------------------------------------------------------------
+    def scan(self) -> None:
+        """List every file once, skip unreadable ones, split by patient. Idempotent."""
+        if self._scanned:
+            return
+        from chexformer import data
+
+        root = Path(self.cfg.data_dir)
+        if not root.is_dir():
+            raise data.DatasetLayoutError(
+                f"data folder not found: {root}\n{data.LAYOUT}\n"
+                "The public pediatric pneumonia data set (Kermany et al., 2018, CC BY 4.0) has this layout: "
+                "'Labeled Optical Coherence Tomography (OCT) and Chest X-Ray Images for Classification', "
+                "Mendeley Data, doi:10.17632/rscbjbr9sj.2 (folder chest_xray/ with train/ and test/)."
+            )
+        kw = dict(strict=self.cfg.strict, patient_regex=self.cfg.patient_regex)
+        train = data.scan_folder(root / "train", **kw)
+        self.class_names = train.class_names
+        self.skipped += train.skipped
+        self.ignored += train.ignored
+        if (root / "val").is_dir():
+            val = data.scan_folder(root / "val", self.class_names, **kw)
+            self.skipped += val.skipped
+            self.train_samples, self.val_samples = train.samples, val.samples
+            self.val_source = "folder"
+        else:
+            self.train_samples, self.val_samples = data.split_by_patient(
+                train.samples, self.cfg.validation_split, self.cfg.seed
+            )
+        if (root / "test").is_dir():
+            test = data.scan_folder(root / "test", self.class_names, **kw)
+            self.skipped += test.skipped
+            self.test_samples = test.samples
+        self._scanned = True
+        log.info("data: %s", json.dumps(self.summary()["splits"]))
+
+    def summary(self) -> dict[str, Any]:
+        from chexformer import data
+
+        splits = {"train": self.train_samples, "val": self.val_samples}
+        if self.test_samples:
+            splits["test"] = self.test_samples
+        return {
+            "class_names": self.class_names,
+            "val_source": self.val_source,
+            "splits": {k: data.describe(v, self.class_names) for k, v in splits.items()},
+            "skipped": [[str(p), r] for p, r in self.skipped],
+            "ignored_non_images": self.ignored,
+        }
+
+    def class_weights(self) -> torch.Tensor | None:
+        """pos_weight (binary) or per-class weights from the training counts."""
+        from chexformer import data
+
+        if self.cfg.class_weighting != "pos_weight":
+            return None
+        counts = torch.tensor(data.class_counts(self.train_samples, len(self.class_names)), dtype=torch.float)
+        if len(self.class_names) == 2:
+            return (counts[0] / counts[1]).reshape(1)
+        return counts.sum() / (len(counts) * counts)
+
+    # --- datasets -------------------------------------------------------------------------------
+    def _preload(self, n: int) -> bool:
+        if self.cfg.preload == "auto":
+            return n * 3 * self.cfg.img_size**2 / 2**30 <= self.cfg.preload_max_gb
+        return self.cfg.preload == "on"
+
+    def transforms(self, train: bool):
+        from chexformer import data
+
+        return data.build_transforms(self.cfg, train=train, mean=self.mean, std=self.std)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.scan()
+        if self._built:
+            return
+        from chexformer import data
+
+        cfg = self.cfg
+        preload = self._preload(len(self.train_samples) + len(self.val_samples))
+        self.train_images = data.XrayDataset(self.train_samples, cfg.img_size, cfg.keep_aspect,
+                                             self.transforms(train=True), preload=preload)
+        self.val_images = data.XrayDataset(self.val_samples, cfg.img_size, cfg.keep_aspect,
+                                           self.transforms(train=False), preload=preload)
+        if not self.cached:
+            self.train_set, self.val_set = self.train_images, self.val_images
+        self._built = True
+
+    def enable_feature_cache(self, model, cache_dir: Path | None, precision: str, device) -> None:
+        """Replace the image datasets by cached backbone maps (the backbone must be frozen)."""
+        if not model.backbone_frozen:
+            raise ValueError("the feature cache needs a fully frozen backbone (freeze_cnn=true, fine_tune_layers=0)")
+        self.setup()
+        cfg = self.cfg
+        views = cfg.cache_views if cfg.augment else 1
+        desc = json.dumps({k: getattr(cfg, k) for k in (
+            "img_size", "keep_aspect", "augment", "rotation_deg", "translate", "scale_min", "scale_max",
+            "brightness", "contrast", "seed")} | {"mean": self.mean, "std": self.std}, sort_keys=True)
+        kw = dict(batch_size=max(cfg.batch_size, 32), device=device, autocast_dtype=autocast_dtype(precision),
+                  channels_last=cfg.channels_last)
+        model.to(device)
+        train_key = cache_key([s.path for s in self.train_samples], model.backbone, desc, views)
+        val_key = cache_key([s.path for s in self.val_samples], model.backbone, desc + "-eval", 1)
+        train_cache = FeatureCache.build(model, self.train_images, self.transforms(True), self.transforms(False),
+                                         views, train_key, cache_dir, seed=cfg.seed, **kw)
+        val_cache = FeatureCache.build(model, self.val_images, self.transforms(True), self.transforms(False),
+                                       1, val_key, cache_dir, seed=cfg.seed, **kw)
+        self.train_set = CachedFeatureDataset(train_cache, [s.label for s in self.train_samples], random_view=True)
+        self.val_set = CachedFeatureDataset(val_cache, [s.label for s in self.val_samples], random_view=False)
+        self.cached = True
+
+    # --- loaders ------------------------------------------------------------------------------------
+    def _loader(self, dataset, shuffle: bool, sampler=None) -> DataLoader:
+        workers = 0 if self.cached else self.cfg.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = None
+        if self.cfg.class_weighting == "sampler":
+            from chexformer import data
+
+            counts = data.class_counts(self.train_samples, len(self.class_names))
+            weights = [1.0 / counts[s.label] for s in self.train_samples]
+            sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True)
+        return self._loader(self.train_set, shuffle=True, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The LightningModule
+# ----------------------------------------------------------------------------------------------
+class ChexFormerModule(L.LightningModule):
+    """Wraps the plain model for training; knows the loss, optimiser, schedule and metadata."""
+
+    def __init__(self, cfg: Config, class_names: list[str], model: torch.nn.Module | None = None,
+                 class_weight: torch.Tensor | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.class_names = list(class_names)
+        self.binary = len(self.class_names) == 2
+        self.model = model if model is not None else build_model(cfg, len(self.class_names))
+        self.register_buffer("class_weight", class_weight, persistent=False)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.use_features = False
+        self.threshold = 0.5
+        self.temperature = 1.0
+        self.val_auc = float("nan")
+        self.explain_images: torch.Tensor | None = None
+        self._val_out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._log_grads = False
+
+    # --- steps ------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_features:
+            return self.model.forward_from_features(x)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.binary:
+            target = y.float()
+            if self.cfg.label_smoothing:
+                target = target * (1 - self.cfg.label_smoothing) + 0.5 * self.cfg.label_smoothing
+            return F.binary_cross_entropy_with_logits(logits.squeeze(1), target, pos_weight=self.class_weight)
+        return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.cfg.label_smoothing)
+
+    def _accuracy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        pred = (logits.squeeze(1) > 0).long() if self.binary else logits.argmax(1)
+        return (pred == y).float().mean()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y, _ = batch
+        logits = self._logits(x)
+        loss = self._loss(logits, y)
+        bs = y.shape[0]
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("train_acc", self._accuracy(logits, y), on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y, idx = batch
+        logits = self._logits(x).float()
+        loss = self._loss(logits, y)
+        bs = y.shape[0]
+        self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("val_acc", self._accuracy(logits, y), on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        self._val_out.append((logits.detach(), y.detach(), idx.detach()))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_out = []
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_out:
+            return
+        logits = torch.cat([o[0] for o in self._val_out])
+        labels = torch.cat([o[1] for o in self._val_out])
+        index = torch.cat([o[2] for o in self._val_out])
+        self._val_out = []
+        if self.trainer.world_size > 1:  # every rank sees every prediction once
+            logits, labels, index = (self.all_gather(t).flatten(0, 1) for t in (logits, labels, index))
+            order = np.unique(index.cpu().numpy(), return_index=True)[1]
+            logits, labels = logits[order], labels[order]
+        auc = self._fit_threshold(logits.cpu(), labels.cpu())
+        self.log("val_auc", auc, prog_bar=True, sync_dist=False, rank_zero_only=False)
+        self._log_images()
+
+    def _fit_threshold(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        """Temperature and decision threshold from this epoch's validation predictions."""
+        from chexformer import metrics
+
+        y = labels.numpy()
+        if self.trainer.sanity_checking or len(np.unique(y)) < 2:
+            return float("nan")
+        lg = logits.numpy()
+        if self.binary:
+            self.temperature = float(metrics.fit_temperature(lg[:, 0], y))
+            prob = metrics.apply_temperature(lg[:, 0], self.temperature)
+            self.threshold = float(metrics.choose_threshold(
+                y, prob, self.cfg.threshold_method, self.cfg.target_sensitivity))
+            from sklearn.metrics import roc_auc_score
+
+            self.val_auc = float(roc_auc_score(y, prob))
+        else:
+            self.temperature = float(metrics.fit_temperature(lg, y, multiclass=True))
+            prob = metrics.apply_temperature(lg, self.temperature, multiclass=True)
+            from sklearn.metrics import roc_auc_score
+
+            present = np.unique(y)
+            self.val_auc = float(roc_auc_score(y, prob[:, present] / prob[:, present].sum(1, keepdims=True),
+                                               multi_class="ovr", labels=present)) if len(present) > 2 else float("nan")
+        return self.val_auc
+
+    # --- optimisation ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.cfg
+        backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        head = [p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+        groups = [{"params": head, "lr": cfg.init_lr, "name": "head"}]
+        min_lrs = [cfg.min_lr]
+        if backbone:
+            groups.append({"params": backbone, "lr": cfg.init_lr * cfg.backbone_lr_scale, "name": "backbone"})
+            min_lrs.append(min(cfg.min_lr, cfg.init_lr * cfg.backbone_lr_scale))
+        optimizer = torch.optim.AdamW(groups, lr=cfg.init_lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=min_lrs
+        )
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss", "interval": "epoch"}}
+
+    # --- logging extras ---------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self._log_grads = True
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Gradient histograms per model part, once an epoch."""
+        if not self._log_grads or not isinstance(self.logger, TensorBoardLogger):
+            return
+        self._log_grads = False
+        parts: dict[str, list[torch.Tensor]] = {}
+        for name, p in self.model.named_parameters():
+            if p.grad is not None:
+                key = ".".join(name.split(".")[:2]) if name.startswith(("backbone.", "layers.")) else name.split(".")[0]
+                parts.setdefault(key, []).append(p.grad.detach().flatten().float())
+        for key, grads in parts.items():
+            self.logger.experiment.add_histogram(f"gradients/{key}", torch.cat(grads).cpu(), self.current_epoch)
+
+    def _log_images(self) -> None:
+        every = self.cfg.log_images_every
+        if (not every or self.current_epoch % every or self.explain_images is None
+                or not isinstance(self.logger, TensorBoardLogger) or self.trainer.sanity_checking):
+            return
+        from torchvision.utils import make_grid
+
+        x = self.explain_images.to(self.device)
+        tb = self.logger.experiment
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        images = (x * std + mean).clamp(0, 1)
+        tb.add_image("inputs", make_grid(images, nrow=len(x)), self.current_epoch)
+        feats = self.model.feature_maps(x).float()  # (B, 1024, h, w)
+        top = feats.mean((2, 3)).topk(8, dim=1).indices  # 8 most active channels per image
+        maps = torch.stack([feats[i, top[i]] for i in range(len(x))])  # (B, 8, h, w)
+        maps = _normalise(F.interpolate(maps, size=x.shape[-2:], mode="nearest"))
+        tb.add_image("feature_maps", make_grid(maps.flatten(0, 1).unsqueeze(1), nrow=8), self.current_epoch)
+        if hasattr(self.model, "attention_maps") and getattr(self.model, "layers", None):
+            attn = self.model.attention_maps(x)[-1].float()  # (B, heads, 1+N, 1+N), last layer
+            h = w = feats.shape[-1]
+            cls = attn[:, :, 0, 1:].reshape(len(x), -1, h, w)  # class token -> spatial tokens
+            cls = _normalise(F.interpolate(cls, size=x.shape[-2:], mode="bilinear", align_corners=False))
+            tb.add_image("attention_last_layer", make_grid(cls.flatten(0, 1).unsqueeze(1), nrow=cls.shape[1]),
+                         self.current_epoch)
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    def meta(self) -> CheckpointMeta:
+        return CheckpointMeta(
+            config=self.cfg, class_names=self.class_names, mean=self.mean, std=self.std,
+            threshold=self.threshold, temperature=self.temperature, epoch=int(self.current_epoch),
+            extra={"val_auc": None if np.isnan(self.val_auc) else self.val_auc},
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["chexformer"] = self.meta().to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("chexformer", {})
+        self.threshold = float(meta.get("threshold", 0.5))
+        self.temperature = float(meta.get("temperature", 1.0))
+
+
+def _normalise(t: torch.Tensor) -> torch.Tensor:
+    lo = t.amin(dim=(-2, -1), keepdim=True)
+    hi = t.amax(dim=(-2, -1), keepdim=True)
+    return (t - lo) / (hi - lo).clamp_min(1e-8)
+
+
+class HistoryCSV(Callback):
+    """``history.csv``: one row of metrics per epoch, rewritten atomically after each epoch."""
+
+    FIELDS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "lr", "threshold", "seconds"]
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        row = {
+            "epoch": trainer.current_epoch, "train_loss": m.get("train_loss"), "train_acc": m.get("train_acc"),
+            "val_loss": m.get("val_loss"), "val_acc": m.get("val_acc"), "val_auc": m.get("val_auc"),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"], "threshold": pl_module.threshold,
+            "seconds": round(time.perf_counter() - self._start, 2),
+        }
+        rows = [r for r in read_history(self.path) if int(r["epoch"]) < trainer.current_epoch] + [row]
+        tmp = self.path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+
+def read_history(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole run
+# ----------------------------------------------------------------------------------------------
+def _device_for(accelerator: str) -> torch.device:
+    return torch.device("cuda" if accelerator in ("gpu", "cuda") else "cpu")
+
+
+def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[str, Any]:
+    """Train on ``cfg.data_dir``, write the run folder ``cfg.out_dir``, evaluate on ``test/``.
+
+    Returns the run summary (also written to ``OUT/summary.json``)."""
+    start = time.perf_counter()
+    out = Path(cfg.out_dir)
+    ckpt_dir = out / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    if not resume and any((ckpt_dir / n).exists() for n in ("best.ckpt", "last.ckpt", "final.ckpt")):
+        raise RunExistsError(
+            f"{out} already holds a run's checkpoints. Pass --resume to continue it, or choose another --out-dir."
+        )
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    dm = XrayDataModule(cfg)
+    dm.scan()
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = resolve_accelerator(cfg.accelerator)
+    precision = resolve_precision(cfg.precision, accelerator)
+    is_rank_zero = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0 \
+        and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
+    if is_rank_zero:
+        cfg.save(out / "config.yaml")
+        from chexformer import data
+
+        data.write_split_csv(out / "split.csv", dm.train_samples, dm.val_samples, dm.test_samples or None,
+                             dm.class_names)
+
+    model = build_model(cfg, num_classes=len(dm.class_names))
+    weights_report = init_backbone(model, cfg)
+    module = ChexFormerModule(cfg, dm.class_names, model, class_weight=dm.class_weights())
+    if cfg.channels_last:
+        module.model.to(memory_format=torch.channels_last)
+
+    use_cache = model.backbone_frozen and cfg.cache_features != "off"
+    if use_cache:
+        cache_dir = None
+        if cfg.cache_features == "disk":
+            cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "feature_cache"
+        dm.enable_feature_cache(model, cache_dir, precision, _device_for(accelerator))
+        module.use_features = True
+        log.info("fast frozen path: the backbone is frozen, training the transformer on cached feature maps "
+                 "(%d views per image)", dm.train_set.cache.views)
+    dm.setup()
+    n_explain = min(4, len(dm.val_images))
+    module.explain_images = torch.stack([dm.val_images[i][0] for i in range(n_explain)]) if n_explain else None
+
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1, save_last=True,
+        auto_insert_metric_name=False, enable_version_counter=False,
+    )
+    callbacks = [
+        checkpoint,
+        EarlyStopping(monitor="val_loss", mode="min", patience=cfg.patience),
+        LearningRateMonitor(logging_interval="epoch"),
+        HistoryCSV(out / "history.csv"),
+    ]
+    logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version="", default_hp_metric=False)
+    steps_per_epoch = max(1, -(-len(dm.train_set) // cfg.batch_size))
+    trainer = L.Trainer(
+        max_epochs=cfg.epochs,
+        accelerator=accelerator,
+        devices=cfg.devices if cfg.devices == "auto" else _parse_devices(cfg.devices),
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        precision=precision,
+        callbacks=callbacks,
+        logger=logger,
+        log_every_n_steps=min(50, steps_per_epoch),
+        default_root_dir=str(out),
+        enable_model_summary=is_rank_zero,
+        num_sanity_val_steps=0 if use_cache else 1,
+    )
+    ckpt_path = None
+    if resume:
+        if last.is_file():
+            ckpt_path = str(last)
+            log.info("resuming from %s", last)
+        else:
+            log.warning("--resume: no %s yet, starting from the beginning", last)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.save_checkpoint(ckpt_dir / "final.ckpt")
+    _check_ranks_agree(trainer, module)
+
+    summary: dict[str, Any] = {
+        "out_dir": str(out),
+        "class_names": dm.class_names,
+        "data": dm.summary(),
+        "failed_during_training": [[str(p), r] for ds in (dm.train_images, dm.val_images)
+                                   for p, r in getattr(ds, "failed", [])],
+        "backbone_weights": str(weights_report) if weights_report else f"random ({cfg.backbone_weights})",
+        "precision": precision,
+        "feature_cache": use_cache,
+        "epochs_run": trainer.current_epoch,
+        "best_checkpoint": str(ckpt_dir / "best.ckpt"),
+        "best_val_loss": _float(checkpoint.best_model_score),
+        "world_size": trainer.world_size,
+    }
+    if not trainer.is_global_zero:
+        return summary
+    if evaluate and dm.test_samples:
+        from chexformer.evaluate import evaluate_checkpoint
+
+        results = evaluate_checkpoint(ckpt_dir / "best.ckpt", Path(cfg.data_dir) / "test", out / "results",
+                                      history_path=out / "history.csv", data_summary=dm.summary())
+        summary["test_metrics"] = {k: v for k, v in results.items() if isinstance(v, dict) and "value" in v}
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    _log_summary(summary)
+    return summary
+
+
+def _parse_devices(devices: str):
+    text = str(devices).strip()
+    if text.isdigit() or (text.startswith("-") and text[1:].isdigit()):
+        return int(text)
+    return [int(d) for d in text.split(",") if d.strip()]
+
+
+def _float(v) -> float | None:
+    return None if v is None else float(v)
+
+
+def _check_ranks_agree(trainer: L.Trainer, module: ChexFormerModule) -> None:
+    """Under DDP every rank must end with identical weights; say so, or fail loudly."""
+    if trainer.world_size < 2:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in module.model.parameters()]).sum().reshape(1)
+    gathered = module.all_gather(checksum.to(module.device)).flatten().cpu()
+    if not torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=1e-6):
+        raise RuntimeError(f"DDP ranks disagree on the final weights: parameter checksums {gathered.tolist()}")
+    if trainer.is_global_zero:
+        log.info("DDP: all %d ranks hold identical weights (checksum %.6f)", trainer.world_size, gathered[0])
+        (Path(module.cfg.out_dir) / "ddp_check.json").write_text(
+            json.dumps({"world_size": trainer.world_size, "checksums": gathered.tolist(), "agree": True}))
+
+
+def _log_summary(summary: dict[str, Any]) -> None:
+    lines = [f"run finished: {summary['out_dir']} ({summary.get('seconds', '?')} s, {summary['epochs_run']} epochs, "
+             f"best val_loss {summary['best_val_loss']})"]
+    for split, d in summary["data"]["splits"].items():
+        lines.append(f"  {split}: {d['images']} images, {d['patients']} patients, {d['per_class']}")
+    skipped = summary["data"]["skipped"]
+    lines.append(f"  skipped {len(skipped)} unreadable files" + (":" if skipped else ""))
+    lines += [f"    {p}: {r}" for p, r in skipped[:50]]
+    if len(skipped) > 50:
+        lines.append(f"    ... and {len(skipped) - 50} more (see summary.json)")
+    failed = summary["failed_during_training"]
+    if failed:
+        lines.append(f"  {len(failed)} files failed to load during training:")
+        lines += [f"    {p}: {r}" for p, r in failed[:50]]
+    for k, v in summary.get("test_metrics", {}).items():
+        lines.append(f"  test {k}: {v['value']:.4f} (95% CI {v['ci95'][0]:.4f}-{v['ci95'][1]:.4f})"
+                     if v.get("value") is not None and v.get("ci95") and None not in v["ci95"]
+                     else f"  test {k}: {v.get('value')}")
+    log.info("\n".join(lines))
