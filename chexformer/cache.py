@@ -41,7 +41,7 @@ def _hash_module(module: nn.Module) -> str:
     h = hashlib.blake2b(digest_size=16)
     for k, v in module.state_dict().items():
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -222,6 +222,9 @@ class ChexFormerModule(L.LightningModule):
         self.temperature = 1.0
         self.val_auc = float("nan")
         self.explain_images: torch.Tensor | None = None
+        self.data_summary: dict[str, Any] = {}
+        self.validated_epoch = -1
+        self.val_predictions: dict[str, list] = {}
         self._val_out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._log_grads = False
 
@@ -282,6 +285,8 @@ class ChexFormerModule(L.LightningModule):
             order = np.unique(index.cpu().numpy(), return_index=True)[1]
             logits, labels = logits[order], labels[order]
         auc = self._fit_threshold(logits.cpu(), labels.cpu())
+        if not self.trainer.sanity_checking:
+            self.validated_epoch = int(self.current_epoch)
         self.log("val_auc", auc, prog_bar=True, sync_dist=False, rank_zero_only=False)
         self._log_images()
 
@@ -293,6 +298,7 @@ class ChexFormerModule(L.LightningModule):
         if self.trainer.sanity_checking or len(np.unique(y)) < 2:
             return float("nan")
         lg = logits.numpy()
+        self.val_predictions = {"logits": lg[:, 0].tolist() if self.binary else lg.tolist(), "labels": y.tolist()}
         if self.binary:
             self.temperature = float(metrics.fit_temperature(lg[:, 0], y))
             prob = metrics.apply_temperature(lg[:, 0], self.temperature)
@@ -375,8 +381,9 @@ class ChexFormerModule(L.LightningModule):
     def meta(self) -> CheckpointMeta:
         return CheckpointMeta(
             config=self.cfg, class_names=self.class_names, mean=self.mean, std=self.std,
-            threshold=self.threshold, temperature=self.temperature, epoch=int(self.current_epoch),
-            extra={"val_auc": None if np.isnan(self.val_auc) else self.val_auc},
+            threshold=self.threshold, temperature=self.temperature, epoch=self.validated_epoch,
+            extra={"val_auc": None if np.isnan(self.val_auc) else self.val_auc, "data": self.data_summary,
+                   "val_predictions": self.val_predictions},
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -386,6 +393,8 @@ class ChexFormerModule(L.LightningModule):
         meta = checkpoint.get("chexformer", {})
         self.threshold = float(meta.get("threshold", 0.5))
         self.temperature = float(meta.get("temperature", 1.0))
+        self.validated_epoch = int(meta.get("epoch", -1))
+        self.val_predictions = dict(meta.get("extra", {}).get("val_predictions", {}))
 
 
 def _normalise(t: torch.Tensor) -> torch.Tensor:
@@ -471,6 +480,7 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
     model = build_model(cfg, num_classes=len(dm.class_names))
     weights_report = init_backbone(model, cfg)
     module = ChexFormerModule(cfg, dm.class_names, model, class_weight=dm.class_weights())
+    module.data_summary = dm.summary()
     if cfg.channels_last:
         module.model.to(memory_format=torch.channels_last)
 

@@ -1,0 +1,836 @@
+"""Chest X-ray folders in, patient-grouped samples and tensors out.
+
+The expected layout (see :data:`LAYOUT`) is one sub-folder per class under ``train/``, with
+optional ``test/`` and ``val/`` folders using the same class names. Every stage that could fail on
+real data fails loudly and early, or skips and reports:
+
+* :func:`load_image` reads anything Pillow reads (8/16-bit grayscale, palette, alpha, CMYK, ...) and
+  DICOM through pydicom (modality LUT, VOI LUT / window, MONOCHROME1 inversion) and always returns
+  8-bit RGB; every failure is an :class:`ImageReadError` naming the file and the reason.
+* :func:`scan_folder` finds the images, verifies each one in a thread pool, and groups them by
+  patient: the patient id in the file name (Kermany names by default) joined, union-find style,
+  with byte-identical copies of the same file. Unreadable files are skipped and listed, or raise
+  with ``strict=True``; layout mistakes raise :class:`DatasetLayoutError` with the layout diagram.
+* :func:`split_by_patient` holds out a validation set stratified by class with no patient group on
+  both sides, so images of one patient (Kermany has many) cannot leak from training into validation.
+* :class:`XrayDataset` decodes and resizes once (optionally preloading everything into one uint8
+  tensor) and survives files that vanish after the scan.
+
+Augmentation (:func:`build_transforms`) runs on the resized uint8 tensor and never flips: the heart
+lies on the patient's left, and a mirrored chest is anatomically impossible.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from chexformer.config import DEFAULT_PATIENT_REGEX
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "LAYOUT",
+    "DatasetLayoutError",
+    "ImageReadError",
+    "Sample",
+    "ScanResult",
+    "XrayDataset",
+    "build_transforms",
+    "class_counts",
+    "describe",
+    "load_image",
+    "patient_id",
+    "resize_image",
+    "scan_folder",
+    "split_by_patient",
+    "write_split_csv",
+]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({
+    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".tif", ".tiff", ".gif", ".webp",
+    ".pgm", ".ppm", ".pbm", ".pnm", ".dcm", ".dicom",
+})
+"""Lower-case suffixes scanned as images. Files with no suffix, or a numeric one (DICOM exports
+named by UID, ``1.2.840.113619.2.55.3``), are scanned too when they carry the DICOM magic."""
+
+DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
+
+LAYOUT = """expected layout:
+  DATA_DIR/
+    train/<CLASS_A>/*.png|jpg|dcm ...
+    train/<CLASS_B>/...
+    test/<CLASS_A>/...   (optional)
+    val/<CLASS_A>/...    (optional; used as-is instead of a split)"""
+
+
+class ImageReadError(Exception):
+    """An image file that cannot be decoded; ``str()`` is ``"{path}: {reason}"``."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        super().__init__(path, reason)  # args kept so the exception pickles across processes
+        self.path = Path(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+class DatasetLayoutError(ValueError):
+    """The data folder does not have the expected layout; the message ends with :data:`LAYOUT`."""
+
+    def __str__(self) -> str:
+        return f"{self.args[0]}\n{LAYOUT}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading one image
+# ----------------------------------------------------------------------------------------------
+def load_image(path: str | os.PathLike, *, size_hint: int | None = None) -> Image.Image:
+    """Read any image Pillow or pydicom can decode and return it as 8-bit RGB.
+
+    Grayscale of more than 8 bits (16-bit PNG/TIFF ``I;16``, ``I``, ``F``) is scaled linearly from
+    the image's actual minimum..maximum to 0..255 (not just ``>> 8``: scanners rarely use the full
+    16-bit range). DICOM: modality LUT or RescaleSlope/RescaleIntercept, then the first VOI LUT or
+    WindowCenter/WindowWidth if present (scaled from the VOI output range), otherwise min..max;
+    MONOCHROME1 is inverted so that bone is bright; of a multi-frame file the first frame is used.
+    EXIF orientation is applied. Pixels are fully decoded here, so truncated files fail here.
+
+    Args:
+        size_hint: side the caller will resize to; lets JPEG decode at a reduced scale (never
+            below this size), which is several times faster for full-resolution radiographs.
+
+    Raises:
+        ImageReadError: for every failure, naming the file and the reason.
+    """
+    path = Path(path)
+    return _decode(_read_bytes(path), path, size_hint=size_hint)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+    except OSError as exc:
+        raise ImageReadError(path, f"cannot read file: {exc.strerror or exc}") from None
+    if not data:
+        raise ImageReadError(path, "empty file (0 bytes)")
+    return data
+
+
+def _is_dicom(path: Path, data: bytes) -> bool:
+    return path.suffix.lower() in DICOM_EXTENSIONS or data[128:132] == b"DICM"
+
+
+def _decode(data: bytes, path: Path, *, size_hint: int | None = None, verify_only: bool = False) -> Image.Image | None:
+    """Decode ``data`` (the bytes of ``path``); with ``verify_only`` decode as cheaply as possible
+    (JPEG at 1/8 scale: every byte is still entropy-decoded, so truncation is still caught)."""
+    try:
+        if _is_dicom(path, data):
+            return _decode_dicom(data, path, force=path.suffix.lower() in DICOM_EXTENSIONS)
+        img = Image.open(io.BytesIO(data))  # not a context manager: closing would free the pixels
+        if img.format == "JPEG" and (verify_only or size_hint):
+            img.draft(None, (1, 1) if verify_only else (size_hint, size_hint))
+        img.load()
+        if verify_only:
+            return None
+        if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation
+            img = ImageOps.exif_transpose(img)
+        return _to_rgb8(img)
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(path, "not an image format Pillow can read (unknown or corrupt header)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(path, f"refused as a possible decompression bomb: {exc}") from None
+    except MemoryError:
+        raise ImageReadError(path, "out of memory while decoding") from None
+    except Exception as exc:  # any decoder error becomes one clear message
+        msg = str(exc) or type(exc).__name__
+        if "truncated" in msg:
+            raise ImageReadError(path, f"truncated image data ({msg})") from None
+        raise ImageReadError(path, f"cannot decode image ({type(exc).__name__}: {msg})") from None
+
+
+def _scale_to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
+    """Linear map of ``lo..hi`` (default: the finite min..max of ``arr``) to 0..255; a flat image -> 0."""
+    arr = np.asarray(arr, dtype=np.float64)
+    if lo is None or hi is None:
+        finite = arr[np.isfinite(arr)]
+        if finite.size == 0:
+            return np.zeros(arr.shape, np.uint8)
+        lo, hi = float(finite.min()), float(finite.max())
+    if hi <= lo:
+        return np.zeros(arr.shape, np.uint8)
+    out = (np.nan_to_num(arr, nan=lo) - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+_HIGH_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N", "I;32", "I;32L", "I;32B"}
+
+
+def _to_rgb8(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in _HIGH_DEPTH_MODES:
+        return Image.fromarray(_scale_to_uint8(np.asarray(img)), "L").convert("RGB")
+    # L, 1, P, PA, LA, La, RGBA, RGBa, RGBX, CMYK, YCbCr, ...: Pillow's conversion (alpha dropped).
+    return img.convert("RGB")
+
+
+def _first(value: object) -> float:
+    """First value of a DICOM element that may be multi-valued."""
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        value = value[0]
+    return float(value)
+
+
+def _voi_output_range(ds: object, apply_voi_lut: Callable) -> tuple[float, float]:
+    """The output range of the dataset's first VOI LUT or window, found by passing the extremes
+    of its input domain through pydicom's own implementation."""
+    seq = ds.get("VOILUTSequence")
+    if seq and seq[0].get("LUTDescriptor") is not None and seq[0].get("LUTData") is not None:
+        entries, first_map = int(seq[0].LUTDescriptor[0]) or 2**16, int(seq[0].LUTDescriptor[1])
+        probe = np.arange(first_map, first_map + entries, dtype=np.int64)
+    else:
+        center, width = _first(ds.WindowCenter), abs(_first(ds.WindowWidth))
+        probe = np.array([center - 10 * width - 1, center + 10 * width + 1])
+    out = np.asarray(apply_voi_lut(probe, ds, index=0), dtype=np.float64)
+    return float(out.min()), float(out.max())
+
+
+def _decode_dicom(data: bytes, path: Path, force: bool) -> Image.Image:
+    import pydicom
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(io.BytesIO(data), force=force)
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ImageReadError(path, "DICOM file has no pixel data")
+    arr = ds.pixel_array
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        log.debug("%s: multi-frame DICOM (%d frames); using the first frame", path, frames)
+        arr = arr[0]
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+
+    if arr.ndim == 2 and photometric in ("MONOCHROME1", "MONOCHROME2"):
+        values = apply_modality_lut(arr, ds)
+        if np.issubdtype(values.dtype, np.floating) and np.all(np.mod(values, 1) == 0):
+            values = values.astype(np.int64)  # a VOI LUT indexes with integers
+        try:
+            windowed = apply_voi_lut(values, ds, index=0)
+        except (ValueError, NotImplementedError, AttributeError, IndexError) as exc:
+            log.debug("%s: VOI LUT / window not usable (%s); scaling min..max instead", path, exc)
+            windowed = values
+        if windowed is values:  # no (usable) VOI LUT and no window in the file
+            grey = _scale_to_uint8(values)
+        else:
+            lo, hi = _voi_output_range(ds, apply_voi_lut)
+            grey = _scale_to_uint8(windowed, lo, hi) if hi > lo else _scale_to_uint8(windowed)
+        if photometric == "MONOCHROME1":
+            grey = 255 - grey
+        return Image.fromarray(grey, "L").convert("RGB")
+
+    if photometric == "PALETTE COLOR":
+        arr = apply_color_lut(arr, ds)
+    # pydicom already converted YBR to RGB; scale deeper-than-8-bit colour by its min..max.
+    rgb = arr if arr.dtype == np.uint8 else _scale_to_uint8(arr)
+    if rgb.ndim == 2:
+        return Image.fromarray(rgb, "L").convert("RGB")
+    if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
+        raise ImageReadError(path, f"unsupported DICOM pixel layout {arr.shape} ({photometric})")
+    return Image.fromarray(np.ascontiguousarray(rgb[..., :3]), "RGB")
+
+
+# ----------------------------------------------------------------------------------------------
+# Patients and folders
+# ----------------------------------------------------------------------------------------------
+def patient_id(path: str | os.PathLike, regex: str = DEFAULT_PATIENT_REGEX) -> str | None:
+    """Patient id in a file *name*: the first non-empty group of ``re.search``, else the whole
+    match; ``None`` when nothing matches. ``person1234_bacteria_5678.jpeg`` -> ``person1234``,
+    ``NORMAL2-IM-0115-0001.jpeg`` -> ``IM-0115``."""
+    match = re.search(regex, Path(path).name)
+    if match is None:
+        return None
+    for group in match.groups():
+        if group:
+            return group
+    return match.group(0) or None
+
+
+@dataclass
+class Sample:
+    path: Path
+    label: int
+    group: str
+    """Patient id, or a fallback id shared with byte-identical files; never on both split sides."""
+
+
+@dataclass
+class ScanResult:
+    samples: list[Sample]
+    class_names: list[str]
+    skipped: list[tuple[Path, str]]
+    """Image files left out, with the reason (unreadable, or outside any class folder)."""
+    ignored: int
+    """Files that are not images by name (README.txt, .DS_Store, ...): counted, not errors."""
+    elapsed_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+    """``missing_classes``, ``unmatched_names``, ``duplicate_files``: numbers for a run summary."""
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith((".", "__"))  # .git, .ipynb_checkpoints, __MACOSX, ._IM-0001.jpeg
+
+
+def _candidate_kind(path: Path) -> str | None:
+    """'image' by suffix, 'probe' when only the DICOM magic can tell, None to ignore."""
+    suffix = path.suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return "image"
+    if suffix == "" or suffix[1:].isdigit():
+        return "probe"
+    return None
+
+
+def _walk_files(folder: Path) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        files.extend(Path(dirpath) / f for f in filenames)
+    return sorted(files)
+
+
+@dataclass
+class _Inspection:
+    kind: str  # "image", "not_image", "bad"
+    digest: str | None = None
+    reason: str | None = None
+
+
+def _inspect(path: Path, kind: str, verify: bool, hash_groups: bool) -> _Inspection:
+    if kind == "image" and not (verify or hash_groups):
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            return _Inspection("bad", reason=f"cannot read file: {exc.strerror or exc}")
+        return _Inspection("image") if size else _Inspection("bad", reason="empty file (0 bytes)")
+    try:
+        data = _read_bytes(path)
+    except ImageReadError as exc:
+        return _Inspection("bad", reason=exc.reason)
+    if kind == "probe" and data[128:132] != b"DICM":
+        return _Inspection("not_image")
+    digest = hashlib.blake2b(data, digest_size=16).hexdigest() if hash_groups else None
+    if verify:
+        try:
+            _decode(data, path, verify_only=True)
+        except ImageReadError as exc:
+            return _Inspection("bad", digest, exc.reason)
+    return _Inspection("image", digest)
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[x] != root:
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _default_workers() -> int:
+    return max(2, min(16, 2 * (os.cpu_count() or 1)))
+
+
+def _show(paths: Sequence, limit: int = 5) -> str:
+    shown = ", ".join(str(p) for p in paths[:limit])
+    return shown + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
+
+
+def scan_folder(
+    root: str | os.PathLike,
+    class_names: list[str] | None = None,
+    *,
+    strict: bool = False,
+    verify: bool = True,
+    patient_regex: str = DEFAULT_PATIENT_REGEX,
+    hash_groups: bool = True,
+    num_workers: int | None = None,
+) -> ScanResult:
+    """Find, check and group the images under ``root`` (e.g. ``DATA/train``).
+
+    Class names are the sorted sub-folder names (hidden ones and ``__MACOSX`` ignored), or
+    ``class_names`` (for ``test/`` and ``val/``: the training classes; a missing or empty class
+    folder there only warns, an unknown one is an error). Class folders are walked recursively in
+    sorted order. With ``verify`` every image is decoded (JPEG at reduced scale) in a thread pool of
+    ``num_workers`` threads; unreadable files are skipped with their reason, or raise
+    :class:`ImageReadError` listing all of them when ``strict``.
+
+    Groups: the patient id from ``patient_regex`` where the file name matches; files with identical
+    bytes (blake2b of the content, when ``hash_groups``) are joined into one group together with all
+    their patients. Other files form a group each, with one warning counting them.
+
+    Raises:
+        DatasetLayoutError: root missing or not a folder, no class sub-folders, fewer than two
+            classes, an unknown class folder, a class folder without a readable image.
+        ImageReadError: ``strict`` and at least one unreadable image.
+    """
+    start = time.perf_counter()
+    root = Path(root)
+    if not root.exists():
+        raise DatasetLayoutError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise DatasetLayoutError(f"not a folder: {root}")
+    re.compile(patient_regex)
+
+    entries = sorted(root.iterdir())
+    folders = [p.name for p in entries if p.is_dir() and not _hidden(p.name)]
+    loose = [p for p in entries if p.is_file() and not _hidden(p.name) and _candidate_kind(p) == "image"]
+    if not folders:
+        detail = ""
+        if loose:
+            detail = f"; {len(loose)} image file(s) lie directly in it ({_show([p.name for p in loose], 3)})"
+        raise DatasetLayoutError(
+            f"no class sub-folders in {root}{detail}: put each class's images in its own sub-folder"
+        )
+
+    given = class_names is not None
+    if given:
+        class_names = list(class_names)
+        unknown = sorted(set(folders) - set(class_names))
+        if unknown:
+            raise DatasetLayoutError(
+                f"unknown class folder(s) in {root}: {', '.join(unknown)}; the classes are those of the "
+                f"training folder: {', '.join(class_names)}"
+            )
+    else:
+        class_names = sorted(folders)
+        if len(class_names) < 2:
+            raise DatasetLayoutError(
+                f"one class found in {root} ({', '.join(class_names)}); need at least two class sub-folders"
+            )
+
+    # Collect candidates; everything else is counted as ignored.
+    ignored = sum(1 for p in entries if p.is_file() and p not in loose)
+    skipped: list[tuple[Path, str]] = [(p, "image outside any class folder") for p in loose]
+    if loose:
+        log.warning("%s: %d image file(s) directly in the folder, outside any class folder, are left out: %s",
+                    root, len(loose), _show([p.name for p in loose], 3))
+    jobs: list[tuple[Path, int, str]] = []
+    missing = []
+    for label, name in enumerate(class_names):
+        folder = root / name
+        if not folder.is_dir():
+            missing.append(name)
+            continue
+        for path in _walk_files(folder):
+            kind = None if _hidden(path.name) else _candidate_kind(path)
+            if kind is None:
+                ignored += 1
+            else:
+                jobs.append((path, label, kind))
+
+    workers = num_workers or _default_workers()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        inspections = list(pool.map(lambda job: _inspect(job[0], job[2], verify, hash_groups), jobs))
+
+    bad: list[tuple[Path, str]] = []
+    found: list[tuple[Path, int, str | None]] = []
+    for (path, label, _), result in zip(jobs, inspections):
+        if result.kind == "not_image":
+            ignored += 1
+        elif result.kind == "bad":
+            bad.append((path, result.reason))
+        else:
+            found.append((path, label, result.digest))
+    if bad:
+        listing = "\n".join(f"  {p}: {r}" for p, r in bad)
+        if strict:
+            raise ImageReadError(root, f"{len(bad)} unreadable image file(s) (strict=True):\n{listing}")
+        log.warning("%s: skipping %d unreadable image file(s):\n%s", root, len(bad), listing)
+    skipped.extend(bad)
+
+    per_class = [0] * len(class_names)
+    for _, label, _ in found:
+        per_class[label] += 1
+    empty = [name for name, n in zip(class_names, per_class) if n == 0 and name not in missing]
+    bad_names = {}
+    for p, r in bad:
+        rel = p.relative_to(root).parts[0]
+        bad_names.setdefault(rel, []).append(f"{p.name} ({r})")
+    if given:
+        if missing:
+            log.warning("%s: no folder for class(es) %s", root, ", ".join(missing))
+        if empty:
+            log.warning("%s: class folder(s) without readable images: %s", root, ", ".join(empty))
+        if not found:
+            raise DatasetLayoutError(f"no readable images in {root}")
+    elif empty:
+        details = "; ".join(
+            f"empty class folder: {root.name}/{name} has no {'readable ' if name in bad_names else ''}images"
+            + (f" (unreadable: {_show(bad_names[name], 3)})" if name in bad_names else "")
+            for name in empty
+        )
+        raise DatasetLayoutError(details)
+
+    samples, unmatched, duplicates = _group(found, root, patient_regex)
+    if unmatched:
+        log.warning(
+            "%s: %d of %d file name(s) do not match patient_regex %r; each of them is its own group, so their "
+            "patients cannot be kept on one side of the split (e.g. %s)",
+            root, len(unmatched), len(found), patient_regex, _show(unmatched, 3),
+        )
+    elapsed = time.perf_counter() - start
+    log.info(
+        "%s: %d images (%s) in %d groups, %d skipped, %d non-image files ignored, in %.1f s (%d threads%s)",
+        root, len(samples), ", ".join(f"{n} {c}" for c, n in zip(class_names, per_class)),
+        len({s.group for s in samples}), len(skipped), ignored, elapsed, workers, ", verified" if verify else "",
+    )
+    extra = {"missing_classes": missing, "unmatched_names": len(unmatched), "duplicate_files": duplicates}
+    return ScanResult(samples, class_names, skipped, ignored, elapsed, extra)
+
+
+def _group(
+    found: list[tuple[Path, int, str | None]], root: Path, patient_regex: str
+) -> tuple[list[Sample], list[str], int]:
+    """Union-find of patient ids and content hashes; returns samples, unmatched names, and the
+    number of files that have a byte-identical twin."""
+    uf = _UnionFind()
+    nodes = []
+    unmatched = []
+    hash_count: dict[str, int] = {}
+    for path, _, digest in found:
+        pid = patient_id(path, patient_regex)
+        if pid is None:
+            unmatched.append(path.name)
+            node = "f:" + path.relative_to(root).as_posix()
+        else:
+            node = "p:" + pid
+        uf.find(node)
+        if digest is not None:
+            uf.union(node, "h:" + digest)
+            hash_count[digest] = hash_count.get(digest, 0) + 1
+        nodes.append(node)
+    # Name each group by its smallest patient id, else by its first file.
+    names: dict[str, str] = {}
+    for node in sorted({n for n in nodes}):
+        root_node = uf.find(node)
+        label = node[2:] if node.startswith("p:") else "file:" + node[2:]
+        if root_node not in names or (node.startswith("p:") and names[root_node].startswith("file:")):
+            names[root_node] = label
+    samples = [Sample(path, label, names[uf.find(node)]) for (path, label, _), node in zip(found, nodes)]
+    duplicates = sum(n for n in hash_count.values() if n > 1)
+    return samples, unmatched, duplicates
+
+
+# ----------------------------------------------------------------------------------------------
+# Patient-level split
+# ----------------------------------------------------------------------------------------------
+def split_by_patient(
+    samples: list[Sample], validation_split: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Hold out about ``validation_split`` of every class, keeping each group on one side.
+
+    Groups are visited in a seeded random order and moved to validation whenever that brings the
+    per-class validation fractions closer to the target (squared error summed over classes); a
+    second pass moves single groups either way while that still helps, and a class left without
+    images on one side gets its cheapest group moved over. Unlike k-fold splitters this reaches any
+    fraction, not just 1/k. Both lists keep the order of ``samples``. Deterministic for a seed.
+
+    Raises:
+        ValueError: fraction outside (0, 1), or a class with fewer than two groups.
+    """
+    if not 0.0 < validation_split < 1.0:
+        raise ValueError(f"validation_split must lie strictly between 0 and 1, got {validation_split}")
+    if not samples:
+        raise ValueError("no samples to split")
+    labels = sorted({s.label for s in samples})
+    col = {label: k for k, label in enumerate(labels)}
+    group_names = sorted({s.group for s in samples})
+    gidx = {g: k for k, g in enumerate(group_names)}
+    counts = np.zeros((len(group_names), len(labels)), dtype=np.int64)  # (groups, classes)
+    for s in samples:
+        counts[gidx[s.group], col[s.label]] += 1
+    totals = counts.sum(0).astype(np.float64)
+    groups_per_class = (counts > 0).sum(0)
+    few = [str(labels[k]) for k in range(len(labels)) if groups_per_class[k] < 2]
+    if few:
+        raise ValueError(
+            f"class label(s) {', '.join(few)} have fewer than 2 patient groups; a patient-level split needs at "
+            "least one group on each side (add data, or provide a val/ folder)"
+        )
+    target = validation_split * totals
+
+    def cost(v: np.ndarray) -> float:
+        return float((((v - target) / totals) ** 2).sum())
+
+    order = np.random.default_rng(seed).permutation(len(group_names))
+    in_val = np.zeros(len(group_names), dtype=bool)
+    val = np.zeros(len(labels), dtype=np.float64)
+    for g in order:  # greedy fill
+        if cost(val + counts[g]) < cost(val):
+            in_val[g] = True
+            val += counts[g]
+    for _ in range(10):  # local improvement: single moves either way
+        improved = False
+        for g in order:
+            moved = val - counts[g] if in_val[g] else val + counts[g]
+            if cost(moved) < cost(val) - 1e-15:
+                in_val[g] = not in_val[g]
+                val = moved
+                improved = True
+        if not improved:
+            break
+    for k in range(len(labels)):  # every class on both sides
+        for side in (True, False):
+            have = val[k] if side else totals[k] - val[k]
+            if have > 0:
+                continue
+            movable = [g for g in order if in_val[g] != side and counts[g, k] > 0]
+            best = min(movable, key=lambda g: cost(val + counts[g] if side else val - counts[g]))
+            in_val[best] = side
+            val = val + counts[best] if side else val - counts[best]
+
+    val_groups = {group_names[g] for g in np.flatnonzero(in_val)}
+    train_part = [s for s in samples if s.group not in val_groups]
+    val_part = [s for s in samples if s.group in val_groups]
+    fractions = val / totals
+    for k, frac in enumerate(fractions):
+        if abs(frac - validation_split) > max(0.05, 0.25 * validation_split):
+            log.warning(
+                "class label %s: validation fraction %.3f, target %.3f; patient groups are too large or too few "
+                "to come closer", labels[k], frac, validation_split,
+            )
+    log.info(
+        "patient-level split (seed %d): %d train / %d validation images, %d / %d groups; validation fraction "
+        "per class %s", seed, len(train_part), len(val_part), len(group_names) - len(val_groups), len(val_groups),
+        ", ".join(f"{labels[k]}: {f:.3f}" for k, f in enumerate(fractions)),
+    )
+    return train_part, val_part
+
+
+def write_split_csv(
+    path: str | os.PathLike,
+    train: list[Sample],
+    val: list[Sample],
+    test: list[Sample] | None,
+    class_names: Sequence[str],
+) -> None:
+    """One row per image: ``path,label,class_name,patient,split`` (patient = the sample's group)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "class_name", "patient", "split"])
+        for split, part in (("train", train), ("val", val), ("test", test or [])):
+            for s in part:
+                writer.writerow([str(s.path), s.label, class_names[s.label], s.group, split])
+
+
+def class_counts(samples: Iterable[Sample], num_classes: int) -> list[int]:
+    counts = [0] * num_classes
+    for s in samples:
+        counts[s.label] += 1
+    return counts
+
+
+def describe(samples: Sequence[Sample], class_names: Sequence[str]) -> dict:
+    """``{"images": n, "patients": number of groups, "per_class": {name: n}}``."""
+    counts = class_counts(samples, len(class_names))
+    return {
+        "images": len(samples),
+        "patients": len({s.group for s in samples}),
+        "per_class": dict(zip(class_names, counts)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Tensors
+# ----------------------------------------------------------------------------------------------
+def resize_image(img: Image.Image, img_size: int, keep_aspect: bool = False) -> torch.Tensor:
+    """RGB uint8 tensor (3, img_size, img_size): stretched (as in the Kermany preprocessing), or
+    with ``keep_aspect`` scaled to fit and padded with black, centred. Bilinear with antialiasing
+    (Pillow widens the filter when shrinking), like torchvision's ``Resize(antialias=True)``."""
+    img = img if img.mode == "RGB" else img.convert("RGB")
+    size = (img_size, img_size)
+    if keep_aspect:
+        w, h = img.size
+        scale = img_size / max(w, h)
+        new = (max(1, round(w * scale)), max(1, round(h * scale)))
+        fitted = img if new == img.size else img.resize(new, Image.Resampling.BILINEAR)
+        img = Image.new("RGB", size)
+        img.paste(fitted, ((img_size - new[0]) // 2, (img_size - new[1]) // 2))
+    elif img.size != size:
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # (3, S, S) uint8
+
+
+def build_transforms(cfg, train: bool, mean: Sequence[float] | float, std: Sequence[float] | float) -> Callable:
+    """uint8 (3, S, S) tensor, already resized -> normalised float32 tensor.
+
+    Training (with ``cfg.augment``): a small random affine (rotation, translation, scale) and
+    brightness/contrast jitter. Never flips (the heart is on the patient's left) and never crops.
+    """
+    from torchvision.transforms import v2
+
+    mean = [float(mean)] * 3 if isinstance(mean, (int, float)) else [float(m) for m in mean]
+    std = [float(std)] * 3 if isinstance(std, (int, float)) else [float(s) for s in std]
+    steps: list = []
+    if train and cfg.augment:
+        steps += [
+            v2.RandomAffine(
+                degrees=cfg.rotation_deg,
+                translate=(cfg.translate, cfg.translate),
+                scale=(cfg.scale_min, cfg.scale_max),
+                interpolation=v2.InterpolationMode.BILINEAR,
+                fill=0,
+            ),
+            v2.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast),
+        ]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    return v2.Compose(steps)
+
+
+class XrayDataset(Dataset):
+    """Images of ``samples`` as ``(float tensor (3, S, S), label, index)``.
+
+    Each image is decoded with :func:`load_image` and resized with :func:`resize_image`; then
+    ``transform`` (see :func:`build_transforms`) turns the uint8 tensor into the model input, or,
+    without a transform, it is scaled to float 0..1.
+
+    ``preload=True`` decodes everything once, in ``num_preload_workers`` threads, into one uint8
+    tensor (N, 1, S, S) for grayscale images (R = G = B, as X-rays are: a third of the memory of
+    RGB) plus a dict for the rare colour ones, so epochs never decode a file again.
+
+    A file that cannot be read any more (deleted or damaged after the scan) does not stop the
+    epoch: a warning is logged, ``(path, reason)`` is appended to :attr:`failed` (once per file),
+    and the image of the next sample of the same class that can be read is used instead (in index
+    order, wrapping around; black if none can). The returned label and index stay those of the
+    asked-for sample, so evaluation code can drop the indices in :attr:`failed_indices`. Failures
+    that happen inside DataLoader worker processes are logged there but do not reach this object;
+    preload, which runs in the calling process, records them all.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        img_size: int,
+        keep_aspect: bool = False,
+        transform: Callable | None = None,
+        preload: bool = False,
+        num_preload_workers: int = 2,
+    ) -> None:
+        self.samples = list(samples)
+        self.img_size = img_size
+        self.keep_aspect = keep_aspect
+        self.transform = transform
+        self.failed: list[tuple[Path, str]] = []
+        self.failed_indices: set[int] = set()
+        self._grey: torch.Tensor | None = None
+        self._colour: dict[int, torch.Tensor] = {}
+        if preload:
+            self._preload(num_preload_workers)
+
+    @property
+    def labels(self) -> list[int]:
+        return [s.label for s in self.samples]
+
+    @property
+    def preloaded(self) -> bool:
+        return self._grey is not None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _decode(self, i: int) -> torch.Tensor:
+        img = load_image(self.samples[i].path, size_hint=self.img_size)
+        return resize_image(img, self.img_size, self.keep_aspect)
+
+    def _try_decode(self, i: int) -> torch.Tensor | ImageReadError:
+        try:
+            return self._decode(i)
+        except ImageReadError as exc:
+            return exc
+
+    def _record_failure(self, i: int, exc: ImageReadError) -> None:
+        if i not in self.failed_indices:
+            self.failed_indices.add(i)
+            self.failed.append((self.samples[i].path, exc.reason))
+            log.warning("cannot read %s (%s); using the next readable image of the same class instead",
+                        self.samples[i].path, exc.reason)
+
+    def _preload(self, workers: int) -> None:
+        start = time.perf_counter()
+        n, s = len(self.samples), self.img_size
+        self._grey = torch.zeros((n, 1, s, s), dtype=torch.uint8)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for i, result in enumerate(pool.map(self._try_decode, range(n))):
+                if isinstance(result, ImageReadError):
+                    self._record_failure(i, result)
+                elif torch.equal(result[0], result[1]) and torch.equal(result[0], result[2]):
+                    self._grey[i, 0] = result[0]
+                else:
+                    self._colour[i] = result
+        log.info("preloaded %d images at %d px (%.0f MB, %d colour) in %.1f s", n, s,
+                 (self._grey.numel() + sum(t.numel() for t in self._colour.values())) / 2**20,
+                 len(self._colour), time.perf_counter() - start)
+
+    def _fetch(self, i: int) -> torch.Tensor | None:
+        """The uint8 image of sample ``i`` itself, or None when it cannot be read."""
+        if i in self.failed_indices:
+            return None
+        if self._grey is not None:
+            if i in self._colour:
+                return self._colour[i].clone()
+            return self._grey[i].expand(3, -1, -1).contiguous()  # a copy: the store stays intact
+        result = self._try_decode(i)
+        if isinstance(result, ImageReadError):
+            self._record_failure(i, result)
+            return None
+        return result
+
+    def uint8(self, i: int) -> torch.Tensor:
+        """The resized uint8 image (3, S, S) of sample ``i`` (its replacement if unreadable)."""
+        img = self._fetch(i)
+        if img is not None:
+            return img
+        n, label = len(self.samples), self.samples[i].label
+        for step in range(1, n):
+            j = (i + step) % n
+            if self.samples[j].label == label:
+                img = self._fetch(j)
+                if img is not None:
+                    return img
+        return torch.zeros((3, self.img_size, self.img_size), dtype=torch.uint8)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        img = self.uint8(i)
+        x = self.transform(img) if self.transform is not None else img.float().div_(255)
+        return x, self.samples[i].label, i

@@ -1,0 +1,542 @@
+"""Contracts of chexformer.data and chexformer.synthetic: reading every image kind, scanning messy
+folders, layout errors, patient grouping, patient-level splits, datasets and transforms.
+
+Real-data checks read ``../shared/data`` (relative to the repository root) and skip when it is absent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from chexformer.config import DEFAULT_PATIENT_REGEX, Config
+from chexformer.data import (
+    IMAGE_EXTENSIONS,
+    DatasetLayoutError,
+    ImageReadError,
+    Sample,
+    XrayDataset,
+    build_transforms,
+    class_counts,
+    describe,
+    load_image,
+    patient_id,
+    resize_image,
+    scan_folder,
+    split_by_patient,
+    write_split_csv,
+)
+from chexformer.synthetic import make_synthetic_dataset, synthetic_image
+
+SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
+KERMANY_TRAIN = SHARED_DATA / "kermany224" / "train"
+RAW_SAMPLES = SHARED_DATA / "raw-samples"
+LAYOUT_LINE = "train/<CLASS_A>/*.png|jpg|dcm"
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------
+def _gradient(h: int = 32, w: int = 40) -> np.ndarray:
+    return (np.add.outer(np.arange(h) * 3, np.arange(w) * 2) % 256).astype(np.uint8)
+
+
+def _save(img: Image.Image, path: Path, **kwargs) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, **kwargs)
+    return path
+
+
+def _jpeg_bytes(seed: int = 0, size: int = 48) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **attrs) -> Path:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    frames = pixels.shape[0] if pixels.ndim == 3 else 1
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = pixels.astype("<u2").tobytes()
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _grey(img: Image.Image) -> np.ndarray:
+    arr = np.asarray(img)
+    assert img.mode == "RGB" and arr.dtype == np.uint8
+    assert np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])
+    return arr[..., 0].astype(int)
+
+
+def _two_class(root: Path, n: int = 2) -> Path:
+    for k in range(n):  # distinct content: identical bytes would share a group
+        _save(Image.fromarray(_gradient() + k), root / "NORMAL" / f"IM-{k + 1:04d}-0001.png")
+        _save(Image.fromarray(_gradient()[::-1] + k), root / "PNEUMONIA" / f"person{k + 1}_bacteria_{k + 1}.png")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# Patient ids
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("person1234_bacteria_5678.jpeg", "person1234"),
+        ("person57_virus_114.jpeg", "person57"),
+        ("person1_virus_6_2.jpeg", "person1"),
+        ("IM-0115-0001.jpeg", "IM-0115"),
+        ("NORMAL2-IM-0115-0001.jpeg", "IM-0115"),
+        ("IM-0620-0001-0002.jpeg", "IM-0620"),
+        ("scan_0001.png", None),
+        ("IM-0115.png", None),  # no image number after the patient: not the Kermany pattern
+    ],
+)
+def test_patient_id_kermany_names(name, expected):
+    assert patient_id(Path("data/train/X") / name, DEFAULT_PATIENT_REGEX) == expected
+
+
+def test_patient_id_whole_match_without_groups():
+    assert patient_id("P00042_view2.png", r"P\d+") == "P00042"
+
+
+def test_unmatched_names_get_own_groups_and_one_warning(tmp_path, caplog):
+    root = _two_class(tmp_path / "train")
+    _save(Image.fromarray(_gradient(20, 20)), root / "NORMAL" / "scan_001.png")
+    _save(Image.fromarray(_gradient(21, 20)), root / "NORMAL" / "scan_002.png")
+    with caplog.at_level(logging.WARNING, logger="chexformer.data"):
+        result = scan_folder(root)
+    groups = {s.path.name: s.group for s in result.samples}
+    assert groups["IM-0001-0001.png"] == "IM-0001"
+    assert groups["scan_001.png"] != groups["scan_002.png"]
+    assert groups["scan_001.png"].startswith("file:")
+    warnings = [r for r in caplog.records if "do not match patient_regex" in r.getMessage()]
+    assert len(warnings) == 1 and "2 of 6" in warnings[0].getMessage()
+    assert result.extra["unmatched_names"] == 2
+
+
+# ----------------------------------------------------------------------------------------------
+# load_image
+# ----------------------------------------------------------------------------------------------
+def test_load_image_scales_16_bit_png_by_its_range(tmp_path):
+    values = np.linspace(1000, 3000, 64 * 32).reshape(32, 64).astype(np.uint16)
+    path = _save(Image.fromarray(values), tmp_path / "x16.png")
+    assert Image.open(path).mode.startswith("I")
+    grey = _grey(load_image(path))
+    assert grey.min() == 0 and grey.max() == 255
+    assert np.all(np.diff(grey.ravel()) >= 0)  # monotonic, not wrapped or clipped by >> 8
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "1", "I", "F", "I;16"])
+def test_load_image_returns_rgb8_for_every_mode(tmp_path, mode):
+    base = Image.fromarray(_gradient())
+    img = Image.fromarray(np.asarray(base, np.float32) * 10.0, "F").convert(mode) if mode in ("I", "F") else (
+        base.convert(mode) if mode != "I;16" else Image.fromarray(np.asarray(base).astype(np.uint16) * 200)
+    )
+    suffix = ".tif" if mode in ("I", "F", "CMYK") else ".png"
+    path = _save(img, tmp_path / f"img{suffix}")
+    out = load_image(path)
+    assert out.mode == "RGB" and out.size == (40, 32)
+    if mode in ("I", "F", "I;16"):
+        ref = np.asarray(base, np.float64)
+        expected = np.rint((ref - ref.min()) * 255 / (ref.max() - ref.min()))
+        assert np.array_equal(_grey(out), expected)  # scaled by its own min..max to 0..255
+
+
+def test_load_image_dicom_window_and_monochrome1_inversion(tmp_path):
+    ramp = np.tile(np.arange(0, 1001, 10, dtype=np.uint16), (4, 1))  # stored values 0..1000
+    # MONOCHROME2, window in stored units: 250..750 -> 0..255
+    mono2 = load_image(_write_dicom(tmp_path / "a.dcm", ramp, WindowCenter=500, WindowWidth=500))
+    g2 = _grey(mono2)[0]
+    assert g2[0] == 0 and g2[20] == 0 and g2[80] == 255 and g2[-1] == 255 and abs(g2[50] - 128) <= 1
+    # MONOCHROME1 with rescale to -1000..1000 and a window on the rescaled values (-500..500),
+    # written without a suffix: found by its DICM magic. Inverted: low values are bright.
+    mono1 = load_image(_write_dicom(tmp_path / "b", ramp, "MONOCHROME1", RescaleSlope=2, RescaleIntercept=-1000,
+                                    WindowCenter=0, WindowWidth=1000))
+    g1 = _grey(mono1)[0]
+    assert g1[0] == 255 and g1[25] == 255 and g1[75] == 0 and g1[-1] == 0 and abs(g1[50] - 128) <= 1
+    assert np.all(np.diff(g1) <= 0)
+    # No window: min..max, still inverted for MONOCHROME1.
+    g3 = _grey(load_image(_write_dicom(tmp_path / "c.dcm", ramp, "MONOCHROME1", RescaleSlope=2,
+                                       RescaleIntercept=-1000)))[0]
+    assert g3[0] == 255 and g3[-1] == 0
+
+
+def test_load_image_multiframe_dicom_uses_first_frame(tmp_path):
+    frames = np.stack([np.full((8, 8), 100, np.uint16), np.full((8, 8), 900, np.uint16)])
+    frames[0, 0, 0] = 0  # so the first frame is not flat
+    grey = _grey(load_image(_write_dicom(tmp_path / "multi.dcm", frames)))
+    assert grey[0, 0] == 0 and grey[1, 1] == 255
+
+
+def test_load_image_errors_name_the_file(tmp_path):
+    with pytest.raises(ImageReadError, match="missing.png: file not found"):
+        load_image(tmp_path / "missing.png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ImageReadError, match="empty.png: empty file"):
+        load_image(tmp_path / "empty.png")
+    data = _jpeg_bytes()
+    (tmp_path / "half.jpeg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageReadError, match="half.jpeg: truncated"):
+        load_image(tmp_path / "half.jpeg")
+
+
+@pytest.mark.skipif(not RAW_SAMPLES.is_dir(), reason=f"real data not found at {RAW_SAMPLES}")
+def test_load_image_real_full_size_grayscale():
+    path = sorted((RAW_SAMPLES / "NORMAL").glob("*.jpeg"))[0]
+    full = load_image(path)
+    fast = load_image(path, size_hint=224)
+    assert full.mode == fast.mode == "RGB"
+    assert min(fast.size) >= 224 and fast.size[0] <= full.size[0]
+    assert resize_image(fast, 224, False).shape == (3, 224, 224)
+
+
+# ----------------------------------------------------------------------------------------------
+# scan_folder
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def messy_train(tmp_path) -> Path:
+    root = tmp_path / "data" / "train"
+    normal, pneu = root / "NORMAL", root / "PNEUMONIA"
+    _save(Image.fromarray(np.dstack([_gradient()] * 3)).convert("RGB"), normal / "IM-0001-0001.png")
+    _save(Image.fromarray(_gradient()), normal / "IM-0002-0001.png")
+    _save(Image.fromarray(_gradient().astype(np.uint16) * 250), normal / "IM-0003-0001.png")
+    _write_dicom(normal / "IM-0004-0001.dcm", _gradient().astype(np.uint16) * 16, WindowCenter=2000, WindowWidth=3000)
+    (normal / "IM-0005-0001.png").write_bytes(b"")
+    (normal / "README.txt").write_text("not an image")
+    (normal / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (pneu / "sub").mkdir(parents=True)
+    (pneu / "person1_bacteria_1.jpeg").write_bytes(_jpeg_bytes(1))
+    _write_dicom(pneu / "person2_bacteria_2", _gradient().astype(np.uint16), "MONOCHROME1",
+                 RescaleSlope=2, RescaleIntercept=-100)
+    data = _jpeg_bytes(3)
+    (pneu / "person3_bacteria_3.jpeg").write_bytes(data[: len(data) // 2])
+    (pneu / "person4_bacteria_4.png").write_text("this is a text file, not a PNG\n" * 10)
+    (pneu / "sub" / "person5_virus_5.jpg").write_bytes(_jpeg_bytes(5))
+    return root
+
+
+def test_scan_skips_exactly_the_bad_files(messy_train):
+    result = scan_folder(messy_train)
+    assert result.class_names == ["NORMAL", "PNEUMONIA"]
+    reasons = {p.name: r for p, r in result.skipped}
+    assert set(reasons) == {"IM-0005-0001.png", "person3_bacteria_3.jpeg", "person4_bacteria_4.png"}
+    assert "empty" in reasons["IM-0005-0001.png"]
+    assert "truncated" in reasons["person3_bacteria_3.jpeg"]
+    assert "not an image" in reasons["person4_bacteria_4.png"]
+    assert result.ignored == 2  # README.txt and .DS_Store: counted, not errors
+    names = [s.path.name for s in result.samples]
+    assert names == sorted(names[:4]) + ["person1_bacteria_1.jpeg", "person2_bacteria_2", "person5_virus_5.jpg"]
+    assert class_counts(result.samples, 2) == [4, 3]
+    assert {s.group for s in result.samples} == {"IM-0001", "IM-0002", "IM-0003", "IM-0004", "person1", "person2",
+                                                 "person5"}
+    for s in result.samples:  # every sample the scan keeps can be loaded
+        assert load_image(s.path).mode == "RGB"
+
+
+def test_scan_strict_raises_listing_every_bad_file(messy_train):
+    with pytest.raises(ImageReadError) as info:
+        scan_folder(messy_train, strict=True)
+    text = str(info.value)
+    assert "3 unreadable" in text
+    for name in ("IM-0005-0001.png", "person3_bacteria_3.jpeg", "person4_bacteria_4.png"):
+        assert name in text
+
+
+def test_scan_without_verify_only_drops_empty_files(messy_train):
+    result = scan_folder(messy_train, verify=False)
+    assert [p.name for p, _ in result.skipped] == ["IM-0005-0001.png"]
+    assert len(result.samples) == 9
+
+
+def test_byte_identical_files_share_a_group(tmp_path):
+    root = _two_class(tmp_path / "train")
+    shutil.copyfile(root / "NORMAL" / "IM-0001-0001.png", root / "NORMAL" / "IM-0077-0001.png")
+    shutil.copyfile(root / "NORMAL" / "IM-0001-0001.png", root / "NORMAL" / "copy_without_patient.png")
+    groups = {s.path.name: s.group for s in scan_folder(root).samples}
+    assert groups["IM-0001-0001.png"] == groups["IM-0077-0001.png"] == groups["copy_without_patient.png"]
+    assert groups["IM-0002-0001.png"] != groups["IM-0001-0001.png"]
+    separate = {s.path.name: s.group for s in scan_folder(root, hash_groups=False).samples}
+    assert separate["IM-0001-0001.png"] != separate["IM-0077-0001.png"]
+
+
+def test_scan_test_folder_uses_train_classes(tmp_path, caplog):
+    test = tmp_path / "test"
+    _save(Image.fromarray(_gradient()), test / "PNEUMONIA" / "person9_virus_9.png")
+    with caplog.at_level(logging.WARNING, logger="chexformer.data"):
+        result = scan_folder(test, ["NORMAL", "PNEUMONIA"])
+    assert [s.label for s in result.samples] == [1]
+    assert result.extra["missing_classes"] == ["NORMAL"]
+    assert any("no folder for class" in r.getMessage() for r in caplog.records)
+    _save(Image.fromarray(_gradient()), test / "COVID" / "x.png")
+    with pytest.raises(DatasetLayoutError, match="unknown class folder"):
+        scan_folder(test, ["NORMAL", "PNEUMONIA"])
+
+
+def _layout_cases(tmp_path: Path) -> dict[str, Path]:
+    empty = _two_class(tmp_path / "empty" / "train")
+    for f in (empty / "NORMAL").iterdir():
+        f.unlink()
+    (empty / "NORMAL" / "notes.txt").write_text("no images here")
+    unreadable = _two_class(tmp_path / "unreadable" / "train")
+    for f in (unreadable / "NORMAL").iterdir():
+        f.write_bytes(b"")
+    one = tmp_path / "one" / "train"
+    _save(Image.fromarray(_gradient()), one / "NORMAL" / "IM-0001-0001.png")
+    flat = tmp_path / "flat" / "train"
+    _save(Image.fromarray(_gradient()), flat / "IM-0001-0001.png")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    return {"empty": empty, "unreadable": unreadable, "one": one, "flat": flat, "missing": tmp_path / "nope",
+            "file": afile}
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty", "empty class folder: train/NORMAL has no images"),
+        ("unreadable", "empty class folder: train/NORMAL has no readable images"),
+        ("one", "one class found"),
+        ("flat", "no class sub-folders"),
+        ("missing", "data folder not found"),
+        ("file", "not a folder"),
+    ],
+)
+def test_layout_errors_show_the_expected_layout(tmp_path, case, message):
+    with pytest.raises(DatasetLayoutError) as info:
+        scan_folder(_layout_cases(tmp_path)[case])
+    text = str(info.value)
+    assert message in text
+    assert LAYOUT_LINE in text and "val/<CLASS_A>/" in text
+
+
+def test_image_extensions_cover_common_formats():
+    assert {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"} <= IMAGE_EXTENSIONS
+    assert all(e == e.lower() and e.startswith(".") for e in IMAGE_EXTENSIONS)
+
+
+# ----------------------------------------------------------------------------------------------
+# split_by_patient
+# ----------------------------------------------------------------------------------------------
+def _grouped_samples(seed: int = 0) -> list[Sample]:
+    rng = np.random.default_rng(seed)
+    samples = []
+    for label, n_groups in ((0, 60), (1, 90)):
+        for g in range(n_groups):
+            for k in range(int(rng.integers(1, 5))):
+                samples.append(Sample(Path(f"c{label}/g{g}_{k}.png"), label, f"c{label}-g{g}"))
+    samples.append(Sample(Path("c0/shared.png"), 0, "c1-g0"))  # a group with both classes
+    return samples
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.3])
+def test_split_by_patient_keeps_groups_apart_and_stratifies(fraction):
+    samples = _grouped_samples()
+    train, val = split_by_patient(samples, fraction, seed=7)
+    assert len(train) + len(val) == len(samples)
+    assert not {s.group for s in train} & {s.group for s in val}
+    for label in (0, 1):
+        n_val = sum(s.label == label for s in val)
+        n_all = sum(s.label == label for s in samples)
+        assert 0 < n_val < n_all
+        assert abs(n_val / n_all - fraction) < 0.03
+    again = split_by_patient(samples, fraction, seed=7)
+    assert [s.path for s in again[1]] == [s.path for s in val]
+    other = split_by_patient(samples, fraction, seed=8)
+    assert [s.path for s in other[1]] != [s.path for s in val]
+
+
+def test_split_by_patient_needs_two_groups_per_class():
+    samples = [Sample(Path(f"{k}.png"), 0, f"g{k}") for k in range(5)] + [Sample(Path("x.png"), 1, "one")]
+    with pytest.raises(ValueError, match="fewer than 2 patient groups"):
+        split_by_patient(samples, 0.2, seed=0)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        split_by_patient(samples, 1.0, seed=0)
+
+
+def test_write_split_csv_and_describe(tmp_path):
+    samples = _grouped_samples()
+    train, val = split_by_patient(samples, 0.2, seed=0)
+    write_split_csv(tmp_path / "out" / "split.csv", train, val, samples[:3], ["NORMAL", "PNEUMONIA"])
+    lines = (tmp_path / "out" / "split.csv").read_text().splitlines()
+    assert lines[0] == "path,label,class_name,patient,split"
+    assert len(lines) == 1 + len(samples) + 3
+    assert lines[-1].endswith(",test") and ",NORMAL," in lines[1] + lines[-1]
+    info = describe(samples, ["NORMAL", "PNEUMONIA"])
+    assert info["images"] == len(samples) and info["patients"] == 150
+    assert sum(info["per_class"].values()) == len(samples)
+
+
+@pytest.mark.skipif(not KERMANY_TRAIN.is_dir(), reason=f"real data not found at {KERMANY_TRAIN}")
+def test_real_kermany_scan_and_patient_split():
+    start = time.perf_counter()
+    result = scan_folder(KERMANY_TRAIN, verify=True)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 60, f"verifying scan took {elapsed:.1f} s"
+    assert result.class_names == ["NORMAL", "PNEUMONIA"]
+    assert class_counts(result.samples, 2) == [1341, 3875]
+    assert result.skipped == [] and result.extra["unmatched_names"] == 0
+    train, val = split_by_patient(result.samples, 0.2, seed=42)
+    side = {s.path: "val" for s in val} | {s.path: "train" for s in train}
+    assert not {s.group for s in train} & {s.group for s in val}
+    for label in (0, 1):
+        frac = sum(s.label == label for s in val) / sum(s.label == label for s in result.samples)
+        assert abs(frac - 0.2) < 0.02
+    # Patients by name never straddle the split ...
+    patients: dict[str, set[str]] = {}
+    for s in result.samples:
+        patients.setdefault(patient_id(s.path), set()).add(side[s.path])
+    assert all(len(sides) == 1 for sides in patients.values())
+    # ... and neither do byte-identical files (hashed independently here).
+    by_hash: dict[str, list[Sample]] = {}
+    for s in result.samples:
+        by_hash.setdefault(hashlib.sha1(s.path.read_bytes()).hexdigest(), []).append(s)
+    duplicates = [group for group in by_hash.values() if len(group) > 1]
+    assert duplicates, "the Kermany training set is known to contain byte-identical files"
+    for group in duplicates:
+        assert len({s.group for s in group}) == 1
+        assert len({side[s.path] for s in group}) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# XrayDataset, resize, transforms
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def synthetic_samples(tmp_path) -> list[Sample]:
+    root = make_synthetic_dataset(tmp_path / "synth", n_per_class=6, img_size=72, seed=3, splits=("train",))
+    samples = scan_folder(root / "train").samples
+    colour = np.dstack([_gradient(50, 60), _gradient(50, 60)[::-1], np.full((50, 60), 90, np.uint8)])
+    path = _save(Image.fromarray(colour), tmp_path / "synth" / "colour" / "IM-0999-0001.png")
+    return samples + [Sample(path, 0, "IM-0999")]
+
+
+def test_dataset_shapes_and_preload_equality(synthetic_samples):
+    plain = XrayDataset(synthetic_samples, 64)
+    stored = XrayDataset(synthetic_samples, 64, preload=True, num_preload_workers=2)
+    assert len(plain) == len(stored) == len(synthetic_samples) and stored.preloaded
+    for i in range(len(plain)):
+        u = plain.uint8(i)
+        assert u.dtype == torch.uint8 and u.shape == (3, 64, 64)
+        assert torch.equal(u, stored.uint8(i))
+    x, label, index = plain[3]
+    assert x.dtype == torch.float32 and x.shape == (3, 64, 64) and 0.0 <= x.min() and x.max() <= 1.0
+    assert label == synthetic_samples[3].label and index == 3
+    assert torch.equal(x, stored[3][0])
+    assert plain.failed == [] and stored.failed == []
+    # The store is not altered through what it hands out.
+    stored.uint8(0).zero_()
+    assert torch.equal(stored.uint8(0), plain.uint8(0))
+
+
+def test_resize_keep_aspect_pads_with_black():
+    img = Image.new("RGB", (100, 50), (200, 200, 200))
+    padded = resize_image(img, 64, keep_aspect=True)
+    assert padded.shape == (3, 64, 64) and padded.dtype == torch.uint8
+    assert padded[:, 0].max() == 0 and padded[:, -1].max() == 0 and padded[:, 32].min() == 200
+    stretched = resize_image(img, 64, keep_aspect=False)
+    assert stretched.min() == 200
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_dataset_survives_a_file_deleted_after_the_scan(synthetic_samples, caplog, preload):
+    samples = synthetic_samples[:-1]
+    victim = 0
+    expected = XrayDataset(samples, 32).uint8(next(j for j in range(1, len(samples))
+                                                   if samples[j].label == samples[victim].label))
+    samples[victim].path.unlink()
+    with caplog.at_level(logging.WARNING, logger="chexformer.data"):
+        ds = XrayDataset(samples, 32, preload=preload)
+        x, label, index = ds[victim]
+        ds[victim]
+    assert x.shape == (3, 32, 32) and label == samples[victim].label and index == victim
+    assert torch.equal(ds.uint8(victim), expected)  # the next readable image of the same class
+    assert [p for p, _ in ds.failed] == [samples[victim].path] and "not found" in ds.failed[0][1]
+    assert ds.failed_indices == {victim}
+    assert sum("cannot read" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_build_transforms_contracts():
+    cfg = Config(img_size=64)
+    img = torch.from_numpy(np.dstack([_gradient(64, 64)] * 3)).permute(2, 0, 1).contiguous()
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    evaluate = build_transforms(cfg, train=False, mean=mean, std=std)
+    a, b = evaluate(img), evaluate(img)
+    assert a.dtype == torch.float32 and a.shape == (3, 64, 64) and torch.equal(a, b)
+    manual = (img.float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    assert torch.allclose(a, manual, atol=1e-5)
+    train = build_transforms(cfg, train=True, mean=mean, std=std)
+    torch.manual_seed(0)
+    outs = [train(img) for _ in range(3)]
+    assert all(o.dtype == torch.float32 and o.shape == (3, 64, 64) for o in outs)
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    names = " ".join(type(t).__name__ for t in train.transforms)
+    assert "Flip" not in names and "Crop" not in names
+    no_aug = build_transforms(cfg.replace(augment=False), train=True, mean=0.5, std=0.25)
+    assert torch.equal(no_aug(img), no_aug(img))
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic data
+# ----------------------------------------------------------------------------------------------
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synthetic_dataset_is_deterministic_and_scans_cleanly(tmp_path):
+    start = time.perf_counter()
+    a = make_synthetic_dataset(tmp_path / "a", n_per_class=12, img_size=64, seed=5)
+    elapsed = time.perf_counter() - start
+    b = make_synthetic_dataset(tmp_path / "b", n_per_class=12, img_size=64, seed=5)
+    c = make_synthetic_dataset(tmp_path / "c", n_per_class=12, img_size=64, seed=6)
+    assert _tree_bytes(a) == _tree_bytes(b)
+    assert _tree_bytes(a) != _tree_bytes(c)
+    assert elapsed < 5
+    train = scan_folder(a / "train", strict=True)
+    test = scan_folder(a / "test", train.class_names, strict=True)
+    assert train.class_names == ["NORMAL", "PNEUMONIA"]
+    assert class_counts(train.samples, 2) == [9, 9] and class_counts(test.samples, 2) == [3, 3]
+    assert train.ignored == 0 and train.extra["unmatched_names"] == 0
+    assert not {s.group for s in train.samples} & {s.group for s in test.samples}
+    for s in train.samples:
+        assert Image.open(s.path).size == (64, 64)
+
+
+def test_synthetic_image_opacity_at_a_known_place():
+    rng = np.random.default_rng(0)
+    img, mask = synthetic_image(rng, 64, opacity=False)
+    assert img.dtype == np.uint8 and img.shape == (64, 64) and not mask.any()
+    img, mask = synthetic_image(rng, 64, opacity=True, opacity_center=(0.45, 0.3))
+    assert mask.dtype == bool and mask.shape == (64, 64) and mask.any()
+    ys, xs = np.nonzero(mask)
+    assert abs(ys.mean() / 64 - 0.45) < 0.08 and abs(xs.mean() / 64 - 0.3) < 0.08
+    with pytest.raises(ValueError):
+        synthetic_image(rng, 64, opacity=False, opacity_center=(0.5, 0.5))

@@ -1,0 +1,194 @@
+"""Training end to end on tiny data: files written, resume after SIGKILL, cache, DDP, real data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from chexformer import Config
+from chexformer.checkpoint import load_checkpoint
+from chexformer.synthetic import make_synthetic_dataset
+from chexformer.train import RunExistsError, XrayDataModule, train
+
+from .conftest import SHARED_DATA
+
+TINY = dict(img_size=64, d_model=32, num_heads=4, ffn_dim=64, num_layers=1, batch_size=16, epochs=2,
+            backbone_weights="none", num_workers=0, precision="32", log_images_every=1, patience=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_synthetic_dataset(root, n_per_class=16, img_size=64, seed=0)
+    return root
+
+
+def _cfg(data, out, **kw):
+    return Config(**{**TINY, "data_dir": str(data), "out_dir": str(out), **kw})
+
+
+RUN_FILES = ["config.yaml", "split.csv", "history.csv", "summary.json", "checkpoints/best.ckpt",
+             "checkpoints/last.ckpt", "checkpoints/final.ckpt"]
+
+
+def test_short_run_writes_every_file(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    summary = train(_cfg(tiny_data, out))
+    for name in RUN_FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    history = (out / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,train_loss") and len(history) == 3
+    assert summary["best_val_loss"] is not None and torch.isfinite(torch.tensor(summary["best_val_loss"]))
+    model, meta = load_checkpoint(out / "checkpoints/best.ckpt")
+    assert meta.class_names == ["NORMAL", "PNEUMONIA"] and 0 <= meta.threshold <= 1 and meta.temperature > 0
+    assert Config.from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text())) == meta.config
+    # TensorBoard got losses, AUC, learning rate, gradient histograms and images
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "histograms": 0}).Reload()
+    tags = acc.Tags()
+    for tag in ("train_loss", "val_loss", "val_acc", "val_auc"):
+        assert tag in tags["scalars"], tag
+    assert any(t.startswith("lr-") for t in tags["scalars"])
+    assert any(t.startswith("gradients/") for t in tags["histograms"])
+    assert {"inputs", "feature_maps", "attention_last_layer"} <= set(tags["images"])
+    # results of the test split
+    assert (out / "results" / "metrics.json").is_file()
+    # a second run into the same folder does not overwrite it
+    with pytest.raises(RunExistsError):
+        train(_cfg(tiny_data, out))
+
+
+def test_missing_data_folder_explains_the_layout(tmp_path):
+    from chexformer.data import DatasetLayoutError
+
+    with pytest.raises(DatasetLayoutError) as err:
+        train(_cfg(tmp_path / "nowhere", tmp_path / "run"))
+    assert "train/" in str(err.value) and "Kermany" in str(err.value)
+
+
+def test_cached_and_uncached_frozen_paths_give_the_same_features(tiny_data):
+    cfg = _cfg(tiny_data, "unused", freeze_cnn=True, cache_views=2)
+    from chexformer.model import build_model
+
+    model = build_model(cfg).eval()
+    dm = XrayDataModule(cfg)
+    dm.setup()
+    dm.enable_feature_cache(model, None, "32", "cpu")
+    images, labels, idx = next(iter(torch.utils.data.DataLoader(dm.val_images, batch_size=8)))
+    with torch.no_grad():
+        direct = model.forward_features(images)
+    cached = torch.stack([dm.val_set[i][0] for i in idx.tolist()])
+    torch.testing.assert_close(cached, direct, rtol=2e-3, atol=2e-3)
+    # view 0 of the training cache is the un-augmented image, identical to the eval path
+    img0 = dm.transforms(False)(dm.train_images.uint8(0)).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(dm.train_set.cache.get(0, 0), model.forward_features(img0)[0], rtol=2e-3, atol=2e-3)
+    # and the logits through the cached path match the plain model
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_from_features(cached), model(images), rtol=1e-2, atol=1e-2)
+
+
+def test_disk_cache_is_reused(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg(tiny_data, out, freeze_cnn=True, cache_features="disk", epochs=1, cache_views=2)
+    s1 = train(cfg)
+    assert s1["feature_cache"] is True
+    files = sorted((out / "feature_cache").glob("features-*.pt"))
+    assert len(files) == 2
+    stamp = [f.stat().st_mtime_ns for f in files]
+    train(cfg.replace(out_dir=str(tmp_path / "run2"), cache_dir=str(out / "feature_cache")))
+    assert [f.stat().st_mtime_ns for f in files] == stamp  # read, not recomputed
+
+
+def _cli(*args, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "chexformer", *args], env=env, **kw)
+
+
+def _train_args(data, out, epochs):
+    return ["train", "--data-dir", str(data), "--out-dir", str(out), "--img-size", "64", "--d-model", "32",
+            "--num-heads", "4", "--ffn-dim", "64", "--num-layers", "1", "--batch-size", "8", "--epochs", str(epochs),
+            "--backbone-weights", "none", "--num-workers", "0", "--precision", "32", "--patience", "10"]
+
+
+def test_sigkill_mid_epoch_then_resume(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    proc = _cli(*_train_args(tiny_data, out, 3), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = out / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), "no last.ckpt after the first epoch"
+    time.sleep(1.0)  # inside epoch 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    load_checkpoint(last)  # whatever moment the kill came, last.ckpt is complete
+    assert (out / "checkpoints" / "best.ckpt").is_file()
+    done_before = len((out / "history.csv").read_text().splitlines()) - 1
+    assert done_before < 3
+
+    resumed = _cli(*_train_args(tiny_data, out, 3), "--resume", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = resumed.communicate(timeout=600)[0].decode()
+    assert resumed.returncode == 0, log[-3000:]
+    assert "resuming from" in log
+    epochs = [int(line.split(",")[0]) for line in (out / "history.csv").read_text().splitlines()[1:]]
+    assert epochs == [0, 1, 2]
+    for name in RUN_FILES:
+        assert (out / name).is_file(), name
+    _, meta = load_checkpoint(out / "checkpoints" / "final.ckpt")
+    assert meta.epoch == 2
+
+
+def test_two_process_ddp_ranks_agree(tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    args = _train_args(tiny_data, out, 1) + ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    proc = _cli(*args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = proc.communicate(timeout=600)[0].decode()
+    assert proc.returncode == 0, log[-3000:]
+    check = json.loads((out / "ddp_check.json").read_text())
+    assert check["world_size"] == 2 and check["agree"] is True
+    assert len(set(check["checksums"])) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+
+
+KERMANY = SHARED_DATA / "kermany224" / "train"
+
+
+@pytest.mark.skipif(not KERMANY.is_dir(), reason=f"real data not found at {KERMANY}")
+def test_one_epoch_on_a_patient_grouped_subset_of_real_data(tmp_path):
+    from chexformer.data import scan_folder, split_by_patient
+
+    scan = scan_folder(KERMANY, verify=False)
+    # a patient-grouped subset: the validation side of a 2% split, linked (never copied) into a data folder
+    _, subset = split_by_patient(scan.samples, 0.02, seed=0)
+    root = tmp_path / "data" / "train"
+    for s in subset:
+        dest = root / scan.class_names[s.label] / s.path.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.symlink_to(s.path)
+    out = tmp_path / "run"
+    summary = train(_cfg(tmp_path / "data", out, img_size=96, epochs=1, validation_split=0.3))
+    assert torch.isfinite(torch.tensor(summary["best_val_loss"]))
+    history = (out / "history.csv").read_text().splitlines()
+    row = dict(zip(history[0].split(","), history[1].split(",")))
+    for key in ("train_loss", "val_loss", "val_acc"):
+        assert torch.isfinite(torch.tensor(float(row[key]))), key
+    import csv
+
+    with (out / "split.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    sides = {}
+    for r in rows:
+        sides.setdefault(r["patient"], set()).add(r["split"])
+    assert all(len(v) == 1 for v in sides.values()), "a patient straddles the split"
