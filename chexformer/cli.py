@@ -27,8 +27,13 @@ DEMO_OVERRIDES = {
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """chexformer's messages to stderr; Lightning keeps its own handler (no duplicate lines)."""
+    if not any(getattr(h, "_chexformer", False) for h in log.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._chexformer = True
+        log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
 def _explicit(args: argparse.Namespace) -> dict:
@@ -98,7 +103,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from chexformer.explain_cli import explain_files
+    from chexformer.explain import explain_files
 
     explain_files(args.checkpoint, args.images, args.out_dir)
     return 0

@@ -57,6 +57,8 @@ class Config:
     weight_decay: float = 1e-4
     epochs: int = 30
     min_lr: float = 1e-6
+    max_minutes: float = 0.0
+    """Stop training after this many minutes (0 = no limit); the best checkpoint is kept."""
     patience: int = 5
     """Early stopping: epochs without a lower validation loss before training stops."""
     lr_patience: int = 2
@@ -156,6 +158,7 @@ class Config:
         need(self.min_lr <= self.init_lr, f"min_lr ({self.min_lr}) must not exceed init_lr ({self.init_lr})")
         need(0.0 < self.lr_factor < 1.0, f"lr_factor must lie in (0, 1), got {self.lr_factor}")
         need(0.0 <= self.label_smoothing < 0.5, f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        need(self.max_minutes >= 0, f"max_minutes must not be negative, got {self.max_minutes}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
         need(self.lr_patience >= 0, f"lr_patience must be >= 0, got {self.lr_patience}")

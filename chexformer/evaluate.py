@@ -191,13 +191,14 @@ def _explanation_plots(model, meta: CheckpointMeta, dataset, keep, y, prob, plot
     figs: dict[str, Any] = {}
     images = plots.denormalize(x, meta.mean, meta.std).permute(0, 2, 3, 1).numpy()
     p = out["probs"].squeeze(-1).numpy() if out["probs"].shape[-1] == 1 else out["probs"].max(-1).values.numpy()
-    figs["inputs"] = plots.plot_inputs(x, meta.mean, meta.std, plot_dir / "inputs.png", labels=[int(y[i]) for i in picks],
-                                       class_names=meta.class_names, probs=p)
+    figs["inputs"] = plots.plot_inputs(x, meta.mean, meta.std, plot_dir / "inputs.png",
+                                       labels=[int(y[i]) for i in picks], class_names=meta.class_names, probs=p)
     h, w = out["feats"].shape[-2:]
     figs["feature_maps"], figs["attention"], figs["gradcam"] = [], [], []
     for j, i in enumerate(picks):
         tag = f"{j}_{meta.class_names[int(y[i])]}"
-        figs["feature_maps"].append(plots.plot_feature_maps(images[j], out["feats"][j], plot_dir / f"feature_maps_{tag}.png"))
+        figs["feature_maps"].append(
+            plots.plot_feature_maps(images[j], out["feats"][j], plot_dir / f"feature_maps_{tag}.png"))
         if out["attentions"]:
             figs["attention"].append(plots.plot_attention_maps(
                 images[j], [a[j].float().numpy() for a in out["attentions"]], (h, w),

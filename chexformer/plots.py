@@ -574,3 +574,38 @@ def plot_inputs(
         title = f"{title}\ngreen = predicted class ({rule}) matches the label, red = it does not"
     fig.suptitle(title)
     return _save(fig, out)
+
+
+def plot_explanation(
+    image: Any,
+    heatmaps: Mapping[str, Any],
+    feats: Any,
+    out: str | Path,
+    title: str,
+    k: int = 6,
+    alpha: float = 0.45,
+    cmap: str = HEATMAP_CMAP,
+) -> Path:
+    """One panel per image: the input and each heatmap overlay on top, the ``k`` most active
+    backbone channels below, the prediction in the title (``cmap``: red = high)."""
+    img = _as_rgb(image)
+    f = _np(feats, np.float32)
+    order = np.argsort(-f.mean(axis=(1, 2)))[:k]
+    n_top = len(heatmaps) + 1
+    fig = _new_figure(max(3.0 * n_top, 1.9 * k) + 0.9, 3.3 + 2.2)
+    grid = fig.add_gridspec(2, max(n_top, k) * 2, height_ratios=[3.0, 1.6])
+    span = max(n_top, k) * 2 // n_top
+    top_axes = [fig.add_subplot(grid[0, i * span:(i + 1) * span]) for i in range(n_top)]
+    top_axes[0].imshow(img)
+    _image_axis(top_axes[0], "input", fontsize=11)
+    for ax, (name, hm) in zip(top_axes[1:], heatmaps.items()):
+        ax.imshow(overlay_heatmap(img, hm, alpha=alpha, cmap=cmap))
+        _image_axis(ax, str(name), fontsize=11)
+    span_b = max(n_top, k) * 2 // k
+    for j, c in enumerate(order):
+        ax = fig.add_subplot(grid[1, j * span_b:(j + 1) * span_b])
+        ax.imshow(overlay_heatmap(img, f[c], alpha=0.6, cmap=cmap))
+        _image_axis(ax, f"channel {int(c)}", fontsize=8)
+    _heatmap_colorbar(fig, top_axes, cmap)
+    fig.suptitle(title, fontsize=12)
+    return _save(fig, out)

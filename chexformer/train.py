@@ -511,6 +511,7 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
     steps_per_epoch = max(1, -(-len(dm.train_set) // cfg.batch_size))
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
+        max_time={"minutes": cfg.max_minutes} if cfg.max_minutes > 0 else None,
         accelerator=accelerator,
         devices=cfg.devices if cfg.devices == "auto" else _parse_devices(cfg.devices),
         num_nodes=cfg.num_nodes,

@@ -59,7 +59,8 @@ class LoadReport:
         if self.dropped:
             parts.append(f"dropped {len(self.dropped)} non-backbone tensors ({_preview(self.dropped)})")
         parts.append(f"missing {len(self.missing)}" + (f" ({_preview(self.missing)})" if self.missing else ""))
-        parts.append(f"unexpected {len(self.unexpected)}" + (f" ({_preview(self.unexpected)})" if self.unexpected else ""))
+        unexpected = f" ({_preview(self.unexpected)})" if self.unexpected else ""
+        parts.append(f"unexpected {len(self.unexpected)}{unexpected}")
         return "; ".join(parts)
 
 

@@ -21,3 +21,20 @@ def _small_torch():
 @pytest.fixture
 def tiny_cfg() -> Config:
     return Config(img_size=64, d_model=32, num_heads=4, ffn_dim=64, num_layers=2, batch_size=4, dropout_rate=0.1)
+
+
+def write_checkpoint(path: Path, cfg: Config, class_names=("NORMAL", "PNEUMONIA"), threshold=0.5,
+                     temperature=1.0, seed=0) -> Path:
+    """A chexformer checkpoint of a randomly initialised model, as ``train`` writes it."""
+    from chexformer.checkpoint import CheckpointMeta
+    from chexformer.model import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(cfg, num_classes=len(class_names))
+    meta = CheckpointMeta(config=cfg, class_names=list(class_names), threshold=threshold, temperature=temperature,
+                          epoch=0, extra={"val_predictions": {"logits": [-2.0, -1.0, 0.5, 1.0, 2.0, -0.5],
+                                                              "labels": [0, 0, 1, 1, 1, 0]}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "chexformer": meta.to_dict()}, path)
+    return path

@@ -1,0 +1,143 @@
+"""The command line: help, config errors, summary, evaluate, predict, explain, export."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from chexformer import Config
+from chexformer.checkpoint import load_checkpoint
+from chexformer.cli import main
+from chexformer.synthetic import make_synthetic_dataset
+
+from .conftest import write_checkpoint
+
+TINY = Config(img_size=64, d_model=32, num_heads=4, ffn_dim=64, num_layers=1, precision="32")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "best.ckpt", TINY, threshold=0.4, temperature=1.5)
+
+
+@pytest.mark.parametrize("cmd", [["chexformer"], [sys.executable, "-m", "chexformer"]])
+def test_help_from_console_script_and_module(cmd):
+    if cmd[0] == "chexformer":
+        cmd = [str(__import__("pathlib").Path(sys.executable).parent / "chexformer")]
+    out = subprocess.run([*cmd, "--help"], capture_output=True, text=True, check=True).stdout
+    for sub in ("train", "evaluate", "explain", "predict", "export", "demo"):
+        assert sub in out
+    out = subprocess.run([*cmd, "train", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--img-size" in out and "--freeze-cnn" in out and "--resume" in out
+
+
+def test_summary_with_seed_defaults(capsys):
+    assert main(["summary"]) == 0
+    out = capsys.readouterr().out
+    assert "(1, 1024, 7, 7)" in out and "49 tokens" in out and "logits (1, 1)" in out
+
+
+def test_config_error_is_one_clear_message(capsys, caplog):
+    assert main(["summary", "--d-model", "100", "--num-heads", "8"]) == 2
+    assert "divisible by num_heads" in caplog.text
+
+
+def test_train_without_data_shows_the_layout(tmp_path, caplog):
+    assert main(["train", "--data-dir", str(tmp_path / "missing"), "--out-dir", str(tmp_path / "o")]) == 2
+    assert "train/<CLASS" in caplog.text or "train/" in caplog.text
+    assert "doi:10.17632/rscbjbr9sj.2" in caplog.text
+
+
+def test_evaluate_writes_metrics_predictions_plots_and_report(ckpt, tmp_path):
+    data = make_synthetic_dataset(tmp_path / "d", n_per_class=12, img_size=64, seed=1, splits=("test",),
+                                  test_fraction=1.0)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data-dir", str(data / "test"), "--out-dir", str(out),
+                 "--n-boot", "200"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc",
+                "brier", "ece"):
+        assert set(m[key]) == {"value", "ci95"}, key
+    assert m["threshold"] == pytest.approx(0.4) and m["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert m["n_images"] == 24 and len(m["confusion_matrix"]) == 2 and "at_0.5" in m
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 24
+    for name in ("confusion_matrix", "roc", "pr", "reliability", "inputs"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 1000, name
+    assert list((out / "plots").glob("attention_*.png")) and list((out / "plots").glob("heatmaps_*.png"))
+    assert (out / "report.html").stat().st_size > 10000
+    # --target-sensitivity re-chooses the threshold on the stored validation predictions
+    out2 = tmp_path / "eval2"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data-dir", str(data / "test"), "--out-dir", str(out2),
+                 "--n-boot", "50", "--target-sensitivity", "1.0"]) == 0
+    m2 = json.loads((out2 / "metrics.json").read_text())
+    assert "sensitivity" in m2["threshold_source"] and m2["threshold"] != m["threshold"]
+
+
+def _write_inputs(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (80, 70), dtype=np.uint8)).save(folder / "a.png")
+    Image.fromarray(rng.integers(0, 255, (90, 90, 3), dtype=np.uint8)).save(folder / "b.jpg")
+    Image.fromarray(rng.integers(0, 65535, (64, 64), dtype=np.uint16)).save(folder / "c16.png")
+    (folder / "broken.png").write_bytes(b"not an image at all")
+    (folder / "notes.txt").write_text("ignored")
+
+
+def test_predict_with_a_corrupt_file(ckpt, tmp_path):
+    _write_inputs(tmp_path / "in")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", "--checkpoint", str(ckpt), "--output", str(out), str(tmp_path / "in")]) == 0
+    rows = {r["path"].split("/")[-1]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"a.png", "b.jpg", "c16.png", "broken.png"}
+    assert rows["broken.png"]["error"] and not rows["broken.png"]["probability"]
+    for name in ("a.png", "b.jpg", "c16.png"):
+        p = float(rows[name]["probability"])
+        assert 0 <= p <= 1 and rows[name]["predicted_label"] == ("PNEUMONIA" if p >= 0.4 else "NORMAL")
+    # the CSV agrees with the model applied directly (fp32)
+    from chexformer.data import build_transforms, load_image, resize_image
+
+    model, meta = load_checkpoint(ckpt)
+    x = build_transforms(meta.config, False, meta.mean, meta.std)(resize_image(load_image(tmp_path / "in/a.png"), 64))
+    with torch.no_grad():
+        expected = torch.sigmoid(model(x[None]) / meta.temperature).item()
+    assert float(rows["a.png"]["probability"]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_predict_with_tta(ckpt, tmp_path):
+    _write_inputs(tmp_path / "in")
+    from chexformer.predict import predict_paths
+
+    rows = predict_paths(ckpt, [tmp_path / "in" / "a.png"], None, tta=True, progress=False)
+    assert 0 <= rows[0]["probability"] <= 1
+
+
+def test_explain_writes_one_panel_per_image(ckpt, tmp_path):
+    _write_inputs(tmp_path / "in")
+    out = tmp_path / "explain"
+    assert main(["explain", "--checkpoint", str(ckpt), "--out-dir", str(out), str(tmp_path / "in/a.png"),
+                 str(tmp_path / "in/broken.png")]) == 0
+    pngs = list(out.glob("*.png"))
+    assert len(pngs) == 1 and pngs[0].stat().st_size > 5000
+    rows = list(csv.DictReader((out / "explain.csv").open()))
+    assert rows[1]["error"] and rows[0]["panel"]
+
+
+def test_export_onnx_from_the_cli(ckpt, tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "model.onnx"
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--output", str(out)]) == 0
+    meta = json.loads((tmp_path / "model.onnx.json").read_text())
+    assert meta["threshold"] == pytest.approx(0.4) and meta["class_names"] == ["NORMAL", "PNEUMONIA"]
+
+
+def test_checkpoint_that_is_not_chexformer(tmp_path, caplog):
+    bad = tmp_path / "x.ckpt"
+    torch.save({"state_dict": {}}, bad)
+    assert main(["predict", "--checkpoint", str(bad), "--output", str(tmp_path / "p.csv"), str(tmp_path)]) == 2
+    assert "not a chexformer checkpoint" in caplog.text
