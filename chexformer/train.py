@@ -493,6 +493,15 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
         module.use_features = True
         log.info("fast frozen path: the backbone is frozen, training the transformer on cached feature maps "
                  "(%d views per image)", dm.train_set.cache.views)
+    if cfg.compile:
+        # nn.Module.compile compiles in place and keeps state-dict keys, so checkpoints stay portable.
+        target = module.model if not module.use_features else None
+        if target is not None:
+            target.backbone.compile()
+        for layer in getattr(module.model, "layers", []):
+            layer.compile()
+        log.info("torch.compile: backbone%s and encoder layers compiled (first steps are slow)",
+                 " (skipped: cached features)" if module.use_features else "")
     dm.setup()
     n_explain = min(4, len(dm.val_images))
     module.explain_images = torch.stack([dm.val_images[i][0] for i in range(n_explain)]) if n_explain else None

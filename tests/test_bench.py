@@ -1,0 +1,83 @@
+"""Smoke tests of the benchmark scripts: each runs a few steps on tiny inputs in a subprocess."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from chexformer.synthetic import make_synthetic_dataset
+
+from .conftest import REPO
+
+
+def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_speed_quick_writes_every_section(tmp_path):
+    out = tmp_path / "speed.json"
+    proc = _run(["bench/speed.py", "--quick", "--json", str(out)])
+    result = json.loads(out.read_text())
+    for key in ("env", "config", "inference", "training", "cached_epoch", "transformer_share", "data_loading",
+                "bf16_accuracy", "summary"):
+        assert key in result, key
+    assert result["config"]["img_size"] == 64 and result["config"]["batch_size"] == 4
+    assert result["env"]["torch"] and result["env"]["cpu"]
+    for section in ("inference", "training"):
+        rows = result[section]["rows"]
+        assert rows[0]["name"].startswith("eager fp32 NCHW") and rows[0]["img_s"] > 0
+        assert result[section]["fastest"] in {r["name"] for r in rows}
+    assert result["inference"]["rows"][0]["max_abs_logit_diff"] == 0.0
+    cached = result["cached_epoch"]
+    assert cached["uncached_epoch_s"] > 0 and cached["cached_epoch_s"] > 0 and cached["build_s"] > 0
+    assert result["transformer_share"]["transformer_pct_of_backbone"] > 0
+    assert result["data_loading"]["decode_resize_img_s"] > 0 and result["data_loading"]["augment_img_s"] > 0
+    assert [r["key"] for r in result["summary"]] == ["inference", "training", "cached_epoch", "transformer_share"]
+    for row in result["summary"]:
+        assert {"measurement", "baseline_img_s", "fast_img_s", "ratio", "goal", "goal_met"} <= set(row)
+        assert row["ratio"] is not None and row["ratio"] > 0
+    assert "| measurement | baseline img/s | fast img/s | ratio | goal |" in proc.stdout
+
+
+def test_speed_rejects_bad_size():
+    proc = subprocess.run([sys.executable, "bench/speed.py", "--img-size", "50"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "multiple of 32" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_xrays(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-data")
+    make_synthetic_dataset(root, n_per_class=8, img_size=64, seed=0, splits=("train",))
+    return root
+
+
+def test_ablation_tiny_writes_rows_and_skips_them_on_restart(tiny_xrays, tmp_path):
+    out = tmp_path / "ablation"
+    args = ["bench/ablation.py", "--data-dir", str(tiny_xrays), "--out-dir", str(out), "--img-size", "64",
+            "--epochs", "1", "--seeds", "0", "--variants", "linear", "hybrid1", "--batch-size", "8"]
+    _run(args)
+    with (out / "ablation.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["variant"], r["seed"]) for r in rows] == [("linear", "0"), ("hybrid1", "0")]
+    for r in rows:
+        assert 0.0 <= float(r["val_auc"]) <= 1.0 and r["auc_source"].startswith("best.ckpt")
+        assert float(r["minutes"]) > 0 and r["resumed"] == "0" and r["train_images"] == rows[0]["train_images"]
+    assert rows[0]["layers"] == "" and rows[1]["layers"] == "1"
+    # the fixed split is a folder of symlinks, never copies
+    links = [p for p in (out / "data").rglob("*") if not p.is_dir()]
+    assert links and all(p.is_symlink() for p in links) and (out / "data" / "val").is_dir()
+    table = (out / "ablation.md").read_text()
+    assert "| model | layers | AUC seed0 | mean ± std | minutes/run |" in table
+    # a restart skips the finished rows and trains nothing
+    proc = _run(args)
+    assert "skip linear seed 0" in proc.stderr and "skip hybrid1 seed 0" in proc.stderr
+    with (out / "ablation.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 2
