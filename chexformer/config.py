@@ -48,6 +48,10 @@ class Config:
     ffn_dim: int = 512
     num_layers: int = 2
     dropout_rate: float = 0.2
+    """Dropout in the encoder's feed-forward and residual branches, after the positional
+    encoding and before the classifier."""
+    attn_dropout: float = 0.0
+    """Dropout on the attention weights; 0 (as in ViT) keeps the fused attention kernel."""
 
     # --- optimisation ------------------------------------------------------------------------
     init_lr: float = 1e-4
@@ -152,6 +156,7 @@ class Config:
         need(self.ffn_dim >= 1, f"ffn_dim must be >= 1, got {self.ffn_dim}")
         need(self.num_layers >= 0, f"num_layers must be >= 0, got {self.num_layers}")
         need(0.0 <= self.dropout_rate < 1.0, f"dropout_rate must lie in [0, 1), got {self.dropout_rate}")
+        need(0.0 <= self.attn_dropout < 1.0, f"attn_dropout must lie in [0, 1), got {self.attn_dropout}")
         for name in ("init_lr", "min_lr", "weight_decay", "backbone_lr_scale"):
             need(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
         need(self.init_lr > 0, f"init_lr must be positive, got {self.init_lr}")

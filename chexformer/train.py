@@ -507,11 +507,18 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
     module.explain_images = torch.stack([dm.val_images[i][0] for i in range(n_explain)]) if n_explain else None
 
     checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1, save_last=True,
+        dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1,
+        auto_insert_metric_name=False, enable_version_counter=False,
+    )
+    # A separate callback for last.ckpt: Lightning's save_last only writes it in epochs that also
+    # improved the monitored metric, and a resume must lose at most the epoch in progress.
+    last_checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
         auto_insert_metric_name=False, enable_version_counter=False,
     )
     callbacks = [
         checkpoint,
+        last_checkpoint,
         EarlyStopping(monitor="val_loss", mode="min", patience=cfg.patience),
         LearningRateMonitor(logging_interval="epoch"),
         HistoryCSV(out / "history.csv"),

@@ -46,6 +46,9 @@ def test_short_run_writes_every_file(tiny_data, tmp_path):
     history = (out / "history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,train_loss") and len(history) == 3
     assert summary["best_val_loss"] is not None and torch.isfinite(torch.tensor(summary["best_val_loss"]))
+    # last.ckpt is the newest epoch, whether or not it improved the validation loss
+    assert load_checkpoint(out / "checkpoints/last.ckpt")[1].epoch == 1
+    assert load_checkpoint(out / "checkpoints/final.ckpt")[1].epoch == 1
     model, meta = load_checkpoint(out / "checkpoints/best.ckpt")
     assert meta.class_names == ["NORMAL", "PNEUMONIA"] and 0 <= meta.threshold <= 1 and meta.temperature > 0
     assert Config.from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text())) == meta.config
