@@ -57,7 +57,7 @@ def test_short_run_writes_every_file(tiny_data, tmp_path):
 
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "histograms": 0}).Reload()
     tags = acc.Tags()
-    for tag in ("train_loss", "val_loss", "val_acc", "val_auc"):
+    for tag in ("train_loss", "train_acc", "train_auc", "val_loss", "val_acc", "val_auc"):
         assert tag in tags["scalars"], tag
     assert any(t.startswith("lr-") for t in tags["scalars"])
     assert any(t.startswith("gradients/") for t in tags["histograms"])
