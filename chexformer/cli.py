@@ -21,7 +21,7 @@ log = logging.getLogger("chexformer")
 # The embedded default: a small synthetic data set and a model sized to finish in minutes on 2 CPU cores.
 DEMO_OVERRIDES = {
     "img_size": 128, "batch_size": 16, "d_model": 64, "num_heads": 4, "ffn_dim": 128, "num_layers": 2,
-    "epochs": 8, "patience": 4, "init_lr": 5e-4, "backbone_lr_scale": 1.0, "dropout_rate": 0.1,
+    "epochs": 10, "patience": 5, "init_lr": 1e-3, "backbone_lr_scale": 1.0, "dropout_rate": 0.1,
     "backbone_weights": "none", "num_workers": 0, "log_images_every": 2, "validation_split": 0.25,
 }
 
@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate a small synthetic data set and run the whole pipeline on it")
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--images-per-class", type=int, default=100)
+    p.add_argument("--images-per-class", type=int, default=240)
     add_config_arguments(p)
     p.set_defaults(func=cmd_demo)
 

@@ -50,7 +50,7 @@ PLOT_CAPTIONS: dict[str, str] = {
     "pr": "Precision-recall curve; the dashed line is the prevalence (a classifier that cannot rank).",
     "reliability": "Reliability diagram: observed frequency against predicted probability (diagonal = "
     "perfectly calibrated), with the distribution of predictions underneath.",
-    "inputs": "Model inputs as the network sees them (after resizing and augmentation).",
+    "inputs": "Model inputs as the network sees them (resized; normalisation undone for display).",
     "feature_maps": "Most active DenseNet feature channels, upsampled onto the image (red = strong).",
     "attention": "Class-token attention per encoder layer and head, overlaid on the image (red = high).",
     "attention_maps": "Class-token attention per encoder layer and head, overlaid on the image (red = high).",
