@@ -78,9 +78,11 @@ def cmd_summary(args: argparse.Namespace) -> int:
     import torch
 
     from chexformer.model import build_model, count_parameters
+    from chexformer.weights import init_backbone
 
     cfg = config_from_args(args)
     model = build_model(cfg, num_classes=args.num_classes).eval()
+    report = init_backbone(model, cfg)
     print(model)
     trainable, frozen = count_parameters(model)
     x = torch.zeros(1, 3, cfg.img_size, cfg.img_size)
@@ -89,6 +91,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     print(f"\ninput (1, 3, {cfg.img_size}, {cfg.img_size}) -> backbone map {tuple(feats.shape)} -> "
           f"{feats.shape[-1] * feats.shape[-2]} tokens + class token -> logits {tuple(model(x).shape)}")
     print(f"parameters: {trainable:,} trainable, {frozen:,} frozen")
+    print(f"backbone weights: {report if report else 'random initialisation (' + cfg.backbone_weights + ')'}")
     return 0
 
 

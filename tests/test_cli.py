@@ -42,6 +42,19 @@ def test_summary_with_seed_defaults(capsys):
     assert "(1, 1024, 7, 7)" in out and "49 tokens" in out and "logits (1, 1)" in out
 
 
+def test_summary_loads_a_chexnet_file_through_pretrained_path(tmp_path, capsys):
+    from torchvision.models import densenet121
+
+    state = {f"module.densenet121.{k}": v for k, v in densenet121(weights=None).state_dict().items()}
+    torch.save({"epoch": 1, "state_dict": state}, tmp_path / "model.pth.tar")
+    assert main(["summary", "--img-size", "64", "--pretrained-path", str(tmp_path / "model.pth.tar")]) == 0
+    out = capsys.readouterr().out
+    import re
+
+    loaded = re.search(r"\(chexnet\): loaded (\d+) backbone tensors", out)
+    assert loaded and int(loaded.group(1)) == len([k for k in state if ".features." in k]) and "missing 0" in out
+
+
 def test_config_error_is_one_clear_message(capsys, caplog):
     assert main(["summary", "--d-model", "100", "--num-heads", "8"]) == 2
     assert "divisible by num_heads" in caplog.text
