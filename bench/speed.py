@@ -207,7 +207,10 @@ class Bench:
         else:
             self.fast_dtype = torch.bfloat16 if cpu_supports_bf16() else None
         self.fast_name = "channels_last" + (f" + {str(self.fast_dtype)[6:]} autocast" if self.fast_dtype else " (fp32)")
-        self.cfg = Config(img_size=args.img_size, batch_size=args.batch_size)  # defaults: d_model 256, 8 heads, ...
+        # Config defaults (d_model 256, 8 heads, ffn 512, 2 layers) unless the encoder size is given
+        self.cfg = Config(img_size=args.img_size, batch_size=args.batch_size,
+                          **{k: getattr(args, k) for k in ("d_model", "num_heads", "ffn_dim", "num_layers")
+                             if getattr(args, k) is not None})
         self.results: dict[str, Any] = {}
 
         torch.manual_seed(0)
@@ -388,7 +391,7 @@ class Bench:
             model = copy.deepcopy(self.model).train()
             if channels_last:
                 model.to(memory_format=torch.channels_last)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4, fused=True)  # as train.py
 
             def make():
                 m = model if compile_mode is None else self._compile(model, compile_mode)
@@ -456,7 +459,8 @@ class Bench:
         model.load_state_dict(self.model.state_dict())
         model.to(dev).to(memory_format=torch.channels_last).train()
         assert model.backbone_frozen
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4,
+                                fused=True)  # as train.py
 
         def uncached_epoch():
             for i in range(0, n, bs):
@@ -808,6 +812,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load-images", type=int, help="image files decoded in section 5 (default 128; 8 with --quick)")
     p.add_argument("--data-dir", help=f"image folder for section 5 (default {DEFAULT_DATA}; synthetic if absent)")
     p.add_argument("--pretrained-path", help="backbone weights (CheXNet/torchvision); default: random init")
+    p.add_argument("--d-model", type=int, help="encoder width (default: Config's 256)")
+    p.add_argument("--num-heads", type=int, help="attention heads (default: Config's 8)")
+    p.add_argument("--ffn-dim", type=int, help="feed-forward width (default: Config's 512)")
+    p.add_argument("--num-layers", type=int, help="encoder layers (default: Config's 2)")
     args = p.parse_args(argv)
     preset = QUICK if args.quick else FULL
     for key, value in preset.items():
