@@ -30,11 +30,8 @@ __all__ = ["FeatureCache", "CachedFeatureDataset", "cache_key", "compute_feature
 CACHE_DTYPE = torch.float16  # post-ReLU activations; halves memory, ~1e-3 relative error
 
 
-def _hash_files(paths: list[Path]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for p in paths:
-        h.update(hashlib.blake2b(Path(p).read_bytes(), digest_size=16).digest())
-    return h.hexdigest()
+def _file_digest(path: Path) -> str:
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
 
 
 def _hash_module(module: nn.Module) -> str:
@@ -45,10 +42,15 @@ def _hash_module(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def cache_key(paths: list[Path], backbone: nn.Module, transform_desc: str, views: int) -> str:
-    """One key for a set of files, backbone weights, transform settings and view count."""
+def cache_key(samples, backbone: nn.Module, transform_desc: str, views: int) -> str:
+    """One key for a set of files (by content), backbone weights, transform settings and view count.
+
+    Uses the content digests the data scan already computed (``Sample.digest``); only files the
+    scan did not hash are read again."""
     h = hashlib.blake2b(digest_size=16)
-    for part in (_hash_files(paths), _hash_module(backbone), transform_desc, str(views)):
+    for s in samples:
+        h.update((s.digest or _file_digest(s.path)).encode())
+    for part in (_hash_module(backbone), transform_desc, str(views)):
         h.update(part.encode())
     return h.hexdigest()
 

@@ -97,11 +97,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     model = build_model(meta.config, num_classes=meta.num_classes)
     state = obj.get("state_dict", {})
     state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise WeightsError(
-            f"{path}: weights do not match the stored config (missing {len(result.missing_keys)}: "
-            f"{result.missing_keys[:3]}, unexpected {len(result.unexpected_keys)}: {result.unexpected_keys[:3]})"
-        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # missing, unexpected or wrongly shaped tensors
+        first = str(exc).strip().splitlines()
+        raise WeightsError(f"{path}: weights do not match the stored config: "
+                           f"{' '.join(line.strip() for line in first[:4])}") from None
     model.to(map_location).eval()
     return model, meta

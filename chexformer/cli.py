@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from chexformer import __version__
-from chexformer.config import ConfigError, add_config_arguments, config_from_args, load_config
+from chexformer.config import ConfigError, add_config_arguments, config_from_args, load_config, overrides_from_args
 
 log = logging.getLogger("chexformer")
 
@@ -36,15 +36,11 @@ def _setup_logging(verbose: bool) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def _explicit(args: argparse.Namespace) -> dict:
-    return {k[5:]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from chexformer.train import train
 
     if args.resume and not args.config:
-        out = _explicit(args).get("out_dir")
+        out = overrides_from_args(args).get("out_dir")
         stored = Path(out) / "config.yaml" if out else None
         if stored and stored.is_file():
             log.info("--resume: using the run's stored config %s (command-line options still override)", stored)
@@ -58,7 +54,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from chexformer.synthetic import make_synthetic_dataset
     from chexformer.train import train
 
-    explicit = _explicit(args)
+    explicit = overrides_from_args(args)
     out = Path(explicit.get("out_dir", "runs/demo"))
     data_dir = Path(explicit.get("data_dir", out / "demo-data"))
     if not (data_dir / "train").is_dir():

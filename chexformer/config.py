@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Config", "ConfigError", "load_config", "add_config_arguments", "config_from_args"]
+__all__ = ["Config", "ConfigError", "load_config", "add_config_arguments", "config_from_args", "overrides_from_args"]
 
 
 class ConfigError(ValueError):
@@ -328,7 +328,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given explicitly on the command line (as strings, not yet coerced)."""
+    return {k[5:]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
-    overrides = {k[5:]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
-    return load_config(getattr(args, "config", None), overrides)
+    return load_config(getattr(args, "config", None), overrides_from_args(args))
 

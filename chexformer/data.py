@@ -54,6 +54,7 @@ __all__ = [
     "build_transforms",
     "class_counts",
     "describe",
+    "find_images",
     "load_image",
     "patient_id",
     "resize_image",
@@ -280,6 +281,8 @@ class Sample:
     label: int
     group: str
     """Patient id, or a fallback id shared with byte-identical files; never on both split sides."""
+    digest: str | None = None
+    """blake2b-128 of the file's bytes, from the scan (None when the scan did not hash)."""
 
 
 @dataclass
@@ -315,6 +318,25 @@ def _walk_files(folder: Path) -> list[Path]:
         dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
         files.extend(Path(dirpath) / f for f in filenames)
     return sorted(files)
+
+
+def find_images(folder: str | os.PathLike) -> list[Path]:
+    """Image and DICOM files under ``folder`` (recursively, sorted), by the scan's rules: known
+    image suffixes, plus files without a suffix (or a numeric one) that carry the DICOM magic.
+    Nothing is decoded."""
+    found = []
+    for path in _walk_files(Path(folder)):
+        kind = None if _hidden(path.name) else _candidate_kind(path)
+        if kind == "image":
+            found.append(path)
+        elif kind == "probe":
+            try:
+                with path.open("rb") as f:
+                    if f.read(132)[128:132] == b"DICM":
+                        found.append(path)
+            except OSError:
+                pass
+    return found
 
 
 @dataclass
@@ -545,7 +567,8 @@ def _group(
         label = node[2:] if node.startswith("p:") else "file:" + node[2:]
         if root_node not in names or (node.startswith("p:") and names[root_node].startswith("file:")):
             names[root_node] = label
-    samples = [Sample(path, label, names[uf.find(node)]) for (path, label, _), node in zip(found, nodes)]
+    samples = [Sample(path, label, names[uf.find(node)], digest)
+               for (path, label, digest), node in zip(found, nodes)]
     duplicates = sum(n for n in hash_count.values() if n > 1)
     return samples, unmatched, duplicates
 

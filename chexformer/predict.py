@@ -27,30 +27,20 @@ __all__ = ["collect_images", "predict_paths", "predict_tensors", "tta_views"]
 
 
 def collect_images(paths: Iterable[str | Path]) -> list[Path]:
-    """Expand folders (recursively, image and DICOM files) and keep files as given, in order."""
-    from chexformer.data import IMAGE_EXTENSIONS
+    """Expand folders (recursively: image and DICOM files, as the data scan finds them) and keep
+    files as given, in order."""
+    from chexformer.data import find_images
 
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and not any(
-                part.startswith(".") for part in f.relative_to(p).parts) and (
-                f.suffix.lower() in IMAGE_EXTENSIONS or _is_dicom(f)))
+            found = find_images(p)
             if not found:
                 log.warning("no images found in folder %s", p)
             out += found
         else:
             out.append(p)  # named explicitly: tried whatever its extension, errors become rows
     return out
-
-
-def _is_dicom(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            head = f.read(132)
-        return len(head) == 132 and head[128:132] == b"DICM"
-    except OSError:
-        return False
 
 
 def tta_views(x: torch.Tensor) -> list[torch.Tensor]:

@@ -23,13 +23,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from chexformer.cache import CachedFeatureDataset, FeatureCache, cache_key
 from chexformer.checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointMeta
 from chexformer.config import Config
 from chexformer.model import build_model
-from chexformer.runtime import autocast_dtype, resolve_accelerator, resolve_precision
+from chexformer.runtime import autocast_dtype, default_device, resolve_accelerator, resolve_precision
 from chexformer.weights import init_backbone
 
 log = logging.getLogger(__name__)
@@ -165,8 +166,8 @@ class XrayDataModule(L.LightningDataModule):
         kw = dict(batch_size=max(cfg.batch_size, 32), device=device, autocast_dtype=autocast_dtype(precision),
                   channels_last=cfg.channels_last)
         model.to(device)
-        train_key = cache_key([s.path for s in self.train_samples], model.backbone, desc, views)
-        val_key = cache_key([s.path for s in self.val_samples], model.backbone, desc + "-eval", 1)
+        train_key = cache_key(self.train_samples, model.backbone, desc, views)
+        val_key = cache_key(self.val_samples, model.backbone, desc + "-eval", 1)
         train_cache = FeatureCache.build(model, self.train_images, self.transforms(True), self.transforms(False),
                                          views, train_key, cache_dir, seed=cfg.seed, **kw)
         val_cache = FeatureCache.build(model, self.val_images, self.transforms(True), self.transforms(False),
@@ -318,6 +319,8 @@ class ChexFormerModule(L.LightningModule):
 
     def _fit_threshold(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
         """Temperature and decision threshold from this epoch's validation predictions."""
+        from sklearn.metrics import roc_auc_score
+
         from chexformer import metrics
 
         y = labels.numpy()
@@ -330,14 +333,10 @@ class ChexFormerModule(L.LightningModule):
             prob = metrics.apply_temperature(lg[:, 0], self.temperature)
             self.threshold = float(metrics.choose_threshold(
                 y, prob, self.cfg.threshold_method, self.cfg.target_sensitivity))
-            from sklearn.metrics import roc_auc_score
-
             self.val_auc = float(roc_auc_score(y, prob))
         else:
             self.temperature = float(metrics.fit_temperature(lg, y, multiclass=True))
             prob = metrics.apply_temperature(lg, self.temperature, multiclass=True)
-            from sklearn.metrics import roc_auc_score
-
             present = np.unique(y)
             self.val_auc = float(roc_auc_score(y, prob[:, present] / prob[:, present].sum(1, keepdims=True),
                                                multi_class="ovr", labels=present)) if len(present) > 2 else float("nan")
@@ -382,6 +381,8 @@ class ChexFormerModule(L.LightningModule):
             return
         from torchvision.utils import make_grid
 
+        from chexformer.explain import top_feature_channels
+
         x = self.explain_images.to(self.device)
         tb = self.logger.experiment
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
@@ -389,7 +390,7 @@ class ChexFormerModule(L.LightningModule):
         images = (x * std + mean).clamp(0, 1)
         tb.add_image("inputs", make_grid(images, nrow=len(x)), self.current_epoch)
         feats = self.model.feature_maps(x).float()  # (B, 1024, h, w)
-        top = feats.mean((2, 3)).topk(8, dim=1).indices  # 8 most active channels per image
+        top = top_feature_channels(feats, k=8)  # (B, 8): the most active channels per image
         maps = torch.stack([feats[i, top[i]] for i in range(len(x))])  # (B, 8, h, w)
         maps = _normalise(F.interpolate(maps, size=x.shape[-2:], mode="nearest"))
         tb.add_image("feature_maps", make_grid(maps.flatten(0, 1).unsqueeze(1), nrow=8), self.current_epoch)
@@ -471,10 +472,6 @@ def read_history(path: Path) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------
 # The whole run
 # ----------------------------------------------------------------------------------------------
-def _device_for(accelerator: str) -> torch.device:
-    return torch.device("cuda" if accelerator in ("gpu", "cuda") else "cpu")
-
-
 def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[str, Any]:
     """Train on ``cfg.data_dir``, write the run folder ``cfg.out_dir``, evaluate on ``test/``.
 
@@ -494,8 +491,7 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
     out.mkdir(parents=True, exist_ok=True)
     accelerator = resolve_accelerator(cfg.accelerator)
     precision = resolve_precision(cfg.precision, accelerator)
-    is_rank_zero = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0 \
-        and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
+    is_rank_zero = rank_zero_only.rank == 0  # Lightning reads it from the launcher's environment
     if is_rank_zero:
         cfg.save(out / "config.yaml")
         from chexformer import data
@@ -515,7 +511,7 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
         cache_dir = None
         if cfg.cache_features == "disk":
             cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "feature_cache"
-        dm.enable_feature_cache(model, cache_dir, precision, _device_for(accelerator))
+        dm.enable_feature_cache(model, cache_dir, precision, default_device(accelerator))
         module.use_features = True
         log.info("fast frozen path: the backbone is frozen, training the transformer on cached feature maps "
                  "(%d views per image)", dm.train_set.cache.views)
