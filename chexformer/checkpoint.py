@@ -6,7 +6,7 @@ with ``model.``) plus a ``chexformer`` entry holding only plain Python values, s
 
     {"version": 1, "config": {...resolved Config...}, "class_names": [...],
      "normalization": {"mean": [...], "std": [...]}, "threshold": 0.43, "temperature": 1.2,
-     "epoch": 7}
+     "bias": -0.8, "epoch": 7}
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ class CheckpointMeta:
     threshold: float = 0.5
     """Decision threshold on the positive-class probability, chosen on validation."""
     temperature: float = 1.0
-    """Logit temperature fitted on validation (probabilities = sigmoid(logit / temperature))."""
+    """Logit temperature fitted on validation (probabilities = sigmoid(logit / temperature + bias))."""
+    bias: float = 0.0
+    """Logit shift fitted with the temperature on validation (Platt scaling; binary models)."""
     epoch: int = -1
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -63,6 +65,7 @@ class CheckpointMeta:
             "normalization": {"mean": list(self.mean), "std": list(self.std)},
             "threshold": float(self.threshold),
             "temperature": float(self.temperature),
+            "bias": float(self.bias),
             "epoch": int(self.epoch),
             "extra": dict(self.extra),
         }
@@ -78,6 +81,7 @@ class CheckpointMeta:
                 std=tuple(float(v) for v in d["normalization"]["std"]),
                 threshold=float(d.get("threshold", 0.5)),
                 temperature=float(d.get("temperature", 1.0)),
+                bias=float(d.get("bias", 0.0)),
                 epoch=int(d.get("epoch", -1)),
                 extra=dict(d.get("extra", {})),
             )

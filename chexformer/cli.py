@@ -96,7 +96,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     results = evaluate_checkpoint(args.checkpoint, args.data_dir, args.out_dir,
                                   target_sensitivity=args.target_sensitivity, n_boot=args.n_boot,
-                                  strict=args.strict)
+                                  strict=args.strict, device=args.device, precision=args.precision,
+                                  backend=args.backend, shift_suite=args.shift_suite)
     print(json.dumps({k: v for k, v in results.items() if k in ("threshold", "n_images")}, indent=2))
     return 0
 
@@ -104,16 +105,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from chexformer.explain import explain_files
 
-    explain_files(args.checkpoint, args.images, args.out_dir)
+    explain_files(args.checkpoint, args.images, args.out_dir, device=args.device)
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from chexformer.predict import predict_paths
 
-    rows = predict_paths(args.checkpoint, args.paths, args.output, batch_size=args.batch_size, tta=args.tta)
-    failed = sum(1 for r in rows if r.get("error"))
+    rows = predict_paths(args.checkpoint, args.paths, args.output, batch_size=args.batch_size, tta=args.tta,
+                         device=args.device, precision=args.precision, backend=args.backend)
+    failed = sum(1 for r in rows if r.error)
     log.info("wrote %d rows to %s (%d unreadable)", len(rows), args.output, failed)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from chexformer.serve import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, device=args.device, max_concurrent=args.max_concurrent)
     return 0
 
 
@@ -125,6 +134,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     path = export_model(model, meta, args.format, Path(args.output))
     log.info("exported %s (metadata in %s.json)", path, path)
     return 0
+
+
+def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N] (default: auto)")
+    p.add_argument("--precision", default="auto", choices=["auto", "32", "bf16-mixed", "16-mixed"],
+                   help="auto: bf16 where the CPU/GPU computes it natively, else fp32 (default: auto)")
+    p.add_argument("--backend", default="auto", choices=["auto", "eager", "jit"],
+                   help="auto: TorchScript trace+freeze on CPU when it matches eager fp32 within 1e-3 in "
+                        "probability, else eager PyTorch (default: auto)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,21 +176,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report at the validation threshold reaching this sensitivity instead of Youden's J")
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--strict", action="store_true", help="unreadable images are an error, not a reported skip")
+    p.add_argument("--shift-suite", action="store_true",
+                   help="also re-score the set under 8 acquisition shifts x 3 severities (robustness suite)")
+    _add_runtime_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("explain", help="attention rollout, Grad-CAM and feature maps for images")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N] (default: auto)")
     p.add_argument("images", nargs="+")
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("predict", help="probabilities and labels for image files or folders, as CSV")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--tta", action="store_true", help="test-time augmentation (average over small shifts)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation (average logits over small shifts and a zoom; uses the threshold "
+                        "chosen on validation with the same views)")
+    _add_runtime_arguments(p)
     p.add_argument("paths", nargs="+")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="web viewer and HTTP API for a checkpoint (needs the app extra)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N] (default: auto)")
+    p.add_argument("--max-concurrent", type=int, default=1, help="inferences run at the same time (default: 1)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript")
     p.add_argument("--checkpoint", required=True)
@@ -194,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DatasetLayoutError, ImageReadError, WeightsError, FileExistsError, FileNotFoundError) as exc:
+    except (ConfigError, DatasetLayoutError, ImageReadError, WeightsError, FileExistsError, FileNotFoundError,
+            ValueError) as exc:
         log.error("%s", exc)
         return 2
 

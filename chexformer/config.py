@@ -38,6 +38,13 @@ class Config:
     batch_size: int = 16
     validation_split: float = 0.2
     """Fraction of ``train/`` held out for validation, grouped by patient, stratified by class."""
+    min_val_per_class: int = 30
+    """A supplied ``val/`` folder is used only if every class has at least this many images
+    (fewer cannot choose a threshold, calibrate or early-stop); otherwise it is set aside with a
+    warning and the patient split of ``train/`` is used."""
+    allow_patient_overlap: bool = False
+    """Allow the same patient (id in the file name, or a byte-identical file) in more than one of
+    train/val/test; by default that is an error."""
 
     # --- transformer -------------------------------------------------------------------------
     arch: str = "hybrid"
@@ -97,6 +104,17 @@ class Config:
     scale_max: float = 1.1
     brightness: float = 0.15
     contrast: float = 0.15
+    acquisition_aug: float = 0.0
+    """Probability of each random acquisition change in training (resolution loss, blur, gamma,
+    noise, JPEG; see chexformer.shifts); 0 turns them off."""
+    acquisition_strength: float = 1.0
+    """Largest strength of those changes, as a multiple of the robustness suite's moderate severity."""
+    intensity: str = "stretch"
+    """After the intensity rule (percentiles -> 0..255), 'stretch' keeps it; 'equalize' adds global
+    histogram equalisation (invariant to any monotone contrast curve)."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights (e.g. 0.999), validated and saved instead of the
+    raw weights; 0 turns it off."""
     class_weighting: str = "pos_weight"
     """'pos_weight' (loss weights from training counts), 'sampler' (balanced sampling), 'none'."""
     strict: bool = False
@@ -117,8 +135,10 @@ class Config:
     """Where the disk cache lives; default ``OUT_DIR/feature_cache``."""
 
     # --- evaluation ----------------------------------------------------------------------------
-    threshold_method: str = "youden"
-    """How the decision threshold is chosen on validation: 'youden' or 'sensitivity'."""
+    threshold_method: str = "shift_robust"
+    """How the operating threshold stored in best.ckpt is chosen on validation after training:
+    'shift_robust' (maximal Youden J averaged over validation clean and under the 24 shifts of the
+    robustness suite), 'youden' (clean validation only) or 'sensitivity' (target_sensitivity)."""
     target_sensitivity: float = 0.95
 
     # --- runtime -----------------------------------------------------------------------------
@@ -181,8 +201,8 @@ class Config:
              f"cache_features must be 'auto', 'memory', 'disk' or 'off', got {self.cache_features!r}")
         need(self.cache_views >= 1, f"cache_views must be >= 1, got {self.cache_views}")
         need(self.preload in ("auto", "on", "off"), f"preload must be 'auto', 'on' or 'off', got {self.preload!r}")
-        need(self.threshold_method in ("youden", "sensitivity"),
-             f"threshold_method must be 'youden' or 'sensitivity', got {self.threshold_method!r}")
+        need(self.threshold_method in ("shift_robust", "youden", "sensitivity"),
+             f"threshold_method must be 'shift_robust', 'youden' or 'sensitivity', got {self.threshold_method!r}")
         need(0.0 < self.target_sensitivity <= 1.0,
              f"target_sensitivity must lie in (0, 1], got {self.target_sensitivity}")
         need(self.precision in ("auto", "32", "bf16-mixed", "16-mixed", "bf16-true"),
@@ -195,6 +215,13 @@ class Config:
              f"need 0.5 <= scale_min <= scale_max <= 1.5, got {self.scale_min}, {self.scale_max}")
         need(0.0 <= self.brightness < 1.0 and 0.0 <= self.contrast < 1.0,
              "brightness and contrast jitter must lie in [0, 1)")
+        need(0.0 <= self.acquisition_aug <= 1.0, f"acquisition_aug must lie in [0, 1], got {self.acquisition_aug}")
+        need(0.0 < self.acquisition_strength <= 2.0,
+             f"acquisition_strength must lie in (0, 2], got {self.acquisition_strength}")
+        need(self.intensity in ("stretch", "equalize"),
+             f"intensity must be 'stretch' or 'equalize', got {self.intensity!r}")
+        need(self.ema_decay == 0.0 or 0.5 <= self.ema_decay < 1.0,
+             f"ema_decay must be 0 (off) or lie in [0.5, 1), got {self.ema_decay}")
         try:
             import re
 

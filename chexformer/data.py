@@ -48,6 +48,7 @@ __all__ = [
     "LAYOUT",
     "DatasetLayoutError",
     "ImageReadError",
+    "PatientOverlapError",
     "Sample",
     "ScanResult",
     "XrayDataset",
@@ -59,6 +60,8 @@ __all__ = [
     "patient_id",
     "resize_image",
     "scan_folder",
+    "standardize_intensity",
+    "shared_patients",
     "split_by_patient",
     "write_split_csv",
 ]
@@ -92,6 +95,10 @@ class ImageReadError(Exception):
         return f"{self.path}: {self.reason}"
 
 
+class PatientOverlapError(ValueError):
+    """The same patient (or a byte-identical file) is in more than one of train/val/test."""
+
+
 class DatasetLayoutError(ValueError):
     """The data folder does not have the expected layout; the message ends with :data:`LAYOUT`."""
 
@@ -103,14 +110,20 @@ class DatasetLayoutError(ValueError):
 # Reading one image
 # ----------------------------------------------------------------------------------------------
 def load_image(path: str | os.PathLike, *, size_hint: int | None = None) -> Image.Image:
-    """Read any image Pillow or pydicom can decode and return it as 8-bit RGB.
+    """Read any image Pillow or pydicom can decode and return it through the intensity rule.
 
-    Grayscale of more than 8 bits (16-bit PNG/TIFF ``I;16``, ``I``, ``F``) is scaled linearly from
-    the image's actual minimum..maximum to 0..255 (not just ``>> 8``: scanners rarely use the full
-    16-bit range). DICOM: modality LUT or RescaleSlope/RescaleIntercept, then the first VOI LUT or
-    WindowCenter/WindowWidth if present (scaled from the VOI output range), otherwise min..max;
-    MONOCHROME1 is inverted so that bone is bright; of a multi-frame file the first frame is used.
-    EXIF orientation is applied. Pixels are fully decoded here, so truncated files fail here.
+    **The intensity rule** (one for every format, so the same picture gives the same pixels
+    whether it arrives as 8-bit or 16-bit PNG/TIFF, JPEG or DICOM):
+
+    1. decode to grey values at the file's own depth: 8/16/32-bit and float grey as stored,
+       colour as luma (ITU-R 601); DICOM: modality LUT (or RescaleSlope/Intercept), then its first
+       VOI LUT or window when it has one, MONOCHROME1 negated so that bone is bright;
+    2. map the image's own 0.5th..99.5th percentiles linearly to 0..255 and clip
+       (:func:`standardize_intensity`): no format is used "as is" and no bit depth is assumed.
+
+    The result is 8-bit grey, returned as RGB with R = G = B. EXIF orientation is applied; of a
+    multi-frame DICOM the first frame is used. Pixels are fully decoded here, so truncated files
+    fail here.
 
     Args:
         size_hint: side the caller will resize to; lets JPEG decode at a reduced scale (never
@@ -144,7 +157,8 @@ def _decode(data: bytes, path: Path, *, size_hint: int | None = None, verify_onl
     (JPEG at 1/8 scale: every byte is still entropy-decoded, so truncation is still caught)."""
     try:
         if _is_dicom(path, data):
-            return _decode_dicom(data, path, force=path.suffix.lower() in DICOM_EXTENSIONS)
+            grey = _decode_dicom(data, path, force=path.suffix.lower() in DICOM_EXTENSIONS)
+            return None if verify_only else _grey_to_rgb(standardize_intensity(grey))
         img = Image.open(io.BytesIO(data))  # not a context manager: closing would free the pixels
         if img.format == "JPEG" and (verify_only or size_hint):
             img.draft(None, (1, 1) if verify_only else (size_hint, size_hint))
@@ -153,7 +167,7 @@ def _decode(data: bytes, path: Path, *, size_hint: int | None = None, verify_onl
             return None
         if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation
             img = ImageOps.exif_transpose(img)
-        return _to_rgb8(img)
+        return _grey_to_rgb(standardize_intensity(_grey_values(img)))
     except ImageReadError:
         raise
     except UnidentifiedImageError:
@@ -169,13 +183,27 @@ def _decode(data: bytes, path: Path, *, size_hint: int | None = None, verify_onl
         raise ImageReadError(path, f"cannot decode image ({type(exc).__name__}: {msg})") from None
 
 
-def _scale_to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> np.ndarray:
-    """Linear map of ``lo..hi`` (default: the finite min..max of ``arr``) to 0..255; a flat image -> 0."""
-    arr = np.asarray(arr, dtype=np.float64)
-    if lo is None or hi is None:
-        finite = arr[np.isfinite(arr)]
-        if finite.size == 0:
-            return np.zeros(arr.shape, np.uint8)
+INTENSITY_PERCENTILES = (0.5, 99.5)
+"""The percentiles of an image's own grey values that the intensity rule maps to 0 and 255."""
+
+_MAX_PERCENTILE_SAMPLES = 1 << 20
+
+
+def standardize_intensity(values: np.ndarray, percentiles: tuple[float, float] = INTENSITY_PERCENTILES) -> np.ndarray:
+    """The intensity rule's step 2: grey values of any depth (2-D array) -> uint8.
+
+    The image's own ``percentiles`` (of its finite values) map linearly to 0..255, clipped; a flat
+    image becomes 0. Linear in the input, so ``v``, ``257 * v`` and ``16 * v + 7`` all give the
+    same bytes. Large images estimate the percentiles on a regular sub-grid of at most 2**20 pixels.
+    """
+    arr = np.asarray(values, dtype=np.float64)
+    step = max(1, int(np.ceil(np.sqrt(arr.size / _MAX_PERCENTILE_SAMPLES))))
+    sample = arr[::step, ::step] if arr.ndim == 2 else arr
+    finite = sample[np.isfinite(sample)]
+    if finite.size == 0:
+        return np.zeros(arr.shape, np.uint8)
+    lo, hi = np.percentile(finite, percentiles)
+    if hi <= lo:  # more than 99 % of the pixels share one value: fall back to the full range
         lo, hi = float(finite.min()), float(finite.max())
     if hi <= lo:
         return np.zeros(arr.shape, np.uint8)
@@ -183,16 +211,19 @@ def _scale_to_uint8(arr: np.ndarray, lo: float | None = None, hi: float | None =
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
+    return Image.fromarray(grey, "L").convert("RGB")
+
+
 _HIGH_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N", "I;32", "I;32L", "I;32B"}
 
 
-def _to_rgb8(img: Image.Image) -> Image.Image:
-    if img.mode == "RGB":
-        return img
+def _grey_values(img: Image.Image) -> np.ndarray:
+    """Grey values of a Pillow image at its own depth: deep grey as stored, everything else
+    (L, 1, P, LA, RGB, RGBA, CMYK, YCbCr, ...) through Pillow's luma conversion, alpha dropped."""
     if img.mode in _HIGH_DEPTH_MODES:
-        return Image.fromarray(_scale_to_uint8(np.asarray(img)), "L").convert("RGB")
-    # L, 1, P, PA, LA, La, RGBA, RGBa, RGBX, CMYK, YCbCr, ...: Pillow's conversion (alpha dropped).
-    return img.convert("RGB")
+        return np.asarray(img)
+    return np.asarray(img if img.mode == "L" else img.convert("L"))
 
 
 def _first(value: object) -> float:
@@ -202,21 +233,8 @@ def _first(value: object) -> float:
     return float(value)
 
 
-def _voi_output_range(ds: object, apply_voi_lut: Callable) -> tuple[float, float]:
-    """The output range of the dataset's first VOI LUT or window, found by passing the extremes
-    of its input domain through pydicom's own implementation."""
-    seq = ds.get("VOILUTSequence")
-    if seq and seq[0].get("LUTDescriptor") is not None and seq[0].get("LUTData") is not None:
-        entries, first_map = int(seq[0].LUTDescriptor[0]) or 2**16, int(seq[0].LUTDescriptor[1])
-        probe = np.arange(first_map, first_map + entries, dtype=np.int64)
-    else:
-        center, width = _first(ds.WindowCenter), abs(_first(ds.WindowWidth))
-        probe = np.array([center - 10 * width - 1, center + 10 * width + 1])
-    out = np.asarray(apply_voi_lut(probe, ds, index=0), dtype=np.float64)
-    return float(out.min()), float(out.max())
-
-
-def _decode_dicom(data: bytes, path: Path, force: bool) -> Image.Image:
+def _decode_dicom(data: bytes, path: Path, force: bool) -> np.ndarray:
+    """DICOM bytes -> grey values (step 1 of the intensity rule), bone bright."""
     import pydicom
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
@@ -235,28 +253,21 @@ def _decode_dicom(data: bytes, path: Path, force: bool) -> Image.Image:
         if np.issubdtype(values.dtype, np.floating) and np.all(np.mod(values, 1) == 0):
             values = values.astype(np.int64)  # a VOI LUT indexes with integers
         try:
-            windowed = apply_voi_lut(values, ds, index=0)
+            values = apply_voi_lut(values, ds, index=0)
         except (ValueError, NotImplementedError, AttributeError, IndexError) as exc:
-            log.debug("%s: VOI LUT / window not usable (%s); scaling min..max instead", path, exc)
-            windowed = values
-        if windowed is values:  # no (usable) VOI LUT and no window in the file
-            grey = _scale_to_uint8(values)
-        else:
-            lo, hi = _voi_output_range(ds, apply_voi_lut)
-            grey = _scale_to_uint8(windowed, lo, hi) if hi > lo else _scale_to_uint8(windowed)
-        if photometric == "MONOCHROME1":
-            grey = 255 - grey
-        return Image.fromarray(grey, "L").convert("RGB")
+            log.debug("%s: VOI LUT / window not usable (%s); using the modality values", path, exc)
+        values = np.asarray(values, dtype=np.float64)
+        return -values if photometric == "MONOCHROME1" else values
 
     if photometric == "PALETTE COLOR":
         arr = apply_color_lut(arr, ds)
-    # pydicom already converted YBR to RGB; scale deeper-than-8-bit colour by its min..max.
-    rgb = arr if arr.dtype == np.uint8 else _scale_to_uint8(arr)
-    if rgb.ndim == 2:
-        return Image.fromarray(rgb, "L").convert("RGB")
-    if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
+    # pydicom already converted YBR to RGB; colour -> luma (ITU-R 601), as Pillow does.
+    if arr.ndim == 2:
+        return np.asarray(arr, dtype=np.float64)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
         raise ImageReadError(path, f"unsupported DICOM pixel layout {arr.shape} ({photometric})")
-    return Image.fromarray(np.ascontiguousarray(rgb[..., :3]), "RGB")
+    rgb = np.asarray(arr[..., :3], dtype=np.float64)
+    return rgb @ np.array([0.299, 0.587, 0.114])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -677,6 +688,34 @@ def write_split_csv(
                 writer.writerow([str(s.path), s.label, class_names[s.label], s.group, split])
 
 
+def shared_patients(splits: dict[str, Sequence[Sample]], patient_regex: str = DEFAULT_PATIENT_REGEX,
+                    limit: int = 10) -> dict[str, list[str]]:
+    """Patients (ids in the file names) and byte-identical files found in more than one split.
+
+    Returns ``{"train/test": ["person12", "file:ab12...", ...], ...}`` for every pair of splits
+    that share any, at most ``limit`` examples each (sorted); empty when the splits are disjoint.
+    """
+    keys: dict[str, list[set[str]]] = {}
+    for name, samples in splits.items():
+        ids = set()
+        for s in samples:
+            pid = patient_id(s.path, patient_regex)
+            if pid is not None:
+                ids.add(pid)
+            if s.digest is not None:
+                ids.add("file:" + s.digest[:12])
+        keys[name] = [ids]
+    out: dict[str, list[str]] = {}
+    names = list(splits)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            common = keys[a][0] & keys[b][0]
+            if common:
+                more = [f"... {len(common) - limit} more"] if len(common) > limit else []
+                out[f"{a}/{b}"] = sorted(common)[:limit] + more
+    return out
+
+
 def class_counts(samples: Iterable[Sample], num_classes: int) -> list[int]:
     counts = [0] * num_classes
     for s in samples:
@@ -716,12 +755,18 @@ def resize_image(img: Image.Image, img_size: int, keep_aspect: bool = False) -> 
 
 
 def build_transforms(cfg, train: bool, mean: Sequence[float] | float, std: Sequence[float] | float) -> Callable:
-    """uint8 (3, S, S) tensor, already resized -> normalised float32 tensor.
+    """uint8 (3, S, S) tensor, already resized -> normalised float32 tensor, the model input.
 
-    Training (with ``cfg.augment``): a small random affine (rotation, translation, scale) and
-    brightness/contrast jitter. Never flips (the heart is on the patient's left) and never crops.
+    Training (with ``cfg.augment``): a small random affine (rotation, translation, scale),
+    brightness/contrast jitter and, with ``acquisition_aug > 0``, random acquisition changes
+    (:class:`chexformer.shifts.RandomAcquisition`: resolution loss, blur, gamma, noise, JPEG).
+    Never flips (the heart is on the patient's left) and never crops. Every path, training and
+    evaluation, ends with the intensity rule on the model-size image
+    (:func:`chexformer.shifts.standardize_tensor`), then ``intensity: equalize`` if set.
     """
     from torchvision.transforms import v2
+
+    from chexformer.shifts import RandomAcquisition, standardize_tensor
 
     mean = [float(mean)] * 3 if isinstance(mean, (int, float)) else [float(m) for m in mean]
     std = [float(std)] * 3 if isinstance(std, (int, float)) else [float(s) for s in std]
@@ -737,6 +782,11 @@ def build_transforms(cfg, train: bool, mean: Sequence[float] | float, std: Seque
             ),
             v2.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast),
         ]
+        if getattr(cfg, "acquisition_aug", 0) > 0:
+            steps.append(RandomAcquisition(cfg.acquisition_aug, cfg.acquisition_strength))
+    steps.append(v2.Lambda(standardize_tensor))
+    if getattr(cfg, "intensity", "stretch") == "equalize":
+        steps.append(v2.RandomEqualize(p=1.0))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(steps)
 

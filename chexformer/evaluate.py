@@ -20,43 +20,30 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
-from chexformer.checkpoint import CheckpointMeta, load_checkpoint
+from chexformer import data, metrics
+from chexformer.checkpoint import CheckpointMeta
+from chexformer.inference import Predictor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_checkpoint", "predict_logits", "threshold_for"]
+GUARD_WARN_FRACTION = 0.2
+"""The report warns when more than this share of the evaluated images is out of population."""
 
-
-@torch.no_grad()
-def predict_logits(model: torch.nn.Module, dataset, batch_size: int = 32, device: str | torch.device = "cpu",
-                   channels_last: bool = True) -> torch.Tensor:
-    """Logits of ``model`` (eval mode, fp32) for every item of an ``XrayDataset``."""
-    model.eval().to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    out = []
-    for x, _, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0):
-        x = x.to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out.append(model(x).float().cpu())
-    return torch.cat(out) if out else torch.empty(0, 1)
+__all__ = ["evaluate_checkpoint", "threshold_for"]
 
 
 def threshold_for(meta: CheckpointMeta, target_sensitivity: float | None) -> tuple[float, str]:
     """The decision threshold to report: the stored one, or one re-chosen on the stored
     validation predictions so that validation sensitivity reaches ``target_sensitivity``."""
     if target_sensitivity is None:
-        return meta.threshold, f"{meta.config.threshold_method} on validation (epoch {meta.epoch})"
-    from chexformer import metrics
-
+        rule = meta.extra.get("threshold_rule", meta.config.threshold_method)
+        return meta.threshold, f"{rule} on validation (epoch {meta.epoch})"
     val = meta.extra.get("val_predictions")
     if not val:
         raise ValueError("this checkpoint stores no validation predictions, so --target-sensitivity cannot "
                          "choose a threshold on validation")
-    prob = metrics.apply_temperature(np.asarray(val["logits"], dtype=np.float64), meta.temperature)
+    prob = metrics.apply_platt(np.asarray(val["logits"], dtype=np.float64), meta.temperature, meta.bias)
     t = metrics.choose_threshold(np.asarray(val["labels"]), prob, "sensitivity", target_sensitivity)
     return float(t), f"validation sensitivity >= {target_sensitivity}"
 
@@ -73,20 +60,36 @@ def evaluate_checkpoint(
     strict: bool = False,
     batch_size: int = 32,
     n_explain: int = 2,
+    device: str = "auto",
+    precision: str = "auto",
+    backend: str = "auto",
+    shift_suite: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on ``data_dir`` (one sub-folder per class); return metrics.json's content."""
-    from chexformer import data, metrics, plots, report
+    """Evaluate ``checkpoint`` on ``data_dir`` (one sub-folder per class); return metrics.json's content.
+
+    With ``shift_suite`` the set is also re-scored under every acquisition shift of the robustness
+    suite (:mod:`chexformer.robustness`) at the same threshold; the table goes into
+    ``metrics.json["shift_suite"]`` and the report."""
+    from chexformer import plots, report
 
     out = Path(out_dir)
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
-    model, meta = load_checkpoint(checkpoint)
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, precision=precision, backend=backend,
+                                          batch_size=batch_size)
+    model, meta = predictor.model, predictor.meta
     cfg = meta.config
     scan = data.scan_folder(Path(data_dir), meta.class_names, strict=strict, patient_regex=cfg.patient_regex)
     samples = scan.samples
-    transform = data.build_transforms(cfg, train=False, mean=meta.mean, std=meta.std)
-    dataset = data.XrayDataset(samples, cfg.img_size, cfg.keep_aspect, transform)
-    logits = predict_logits(model, dataset, batch_size=batch_size, channels_last=cfg.channels_last)
+    dataset = data.XrayDataset(samples, cfg.img_size, cfg.keep_aspect, predictor.transform)
+    suite_logits = None
+    if shift_suite:
+        from chexformer.robustness import shift_suite_logits
+
+        suite_logits = shift_suite_logits(predictor, dataset, batch_size=batch_size, seed=cfg.seed)
+        logits = torch.from_numpy(suite_logits["clean"]).reshape(len(dataset), -1)
+    else:
+        logits = predictor.dataset_logits(dataset, batch_size=batch_size)
     failed = dataset.failed_indices
     keep = [i for i in range(len(samples)) if i not in failed]
     skipped = [[str(p), r] for p, r in scan.skipped] + [[str(p), r] for p, r in dataset.failed]
@@ -95,19 +98,42 @@ def evaluate_checkpoint(
     lg = logits[keep].numpy().astype(np.float64)
     binary = meta.num_classes == 2
     threshold, threshold_source = threshold_for(meta, target_sensitivity) if binary else (None, "argmax")
-    if binary:
-        prob = metrics.apply_temperature(lg[:, 0], meta.temperature)
-    else:
-        prob = metrics.apply_temperature(lg, meta.temperature, multiclass=True)
+    prob = predictor.probabilities(lg)
     results = metrics.evaluation_report(y, prob, meta.class_names, threshold, groups=groups, n_boot=n_boot,
                                         seed=cfg.seed)
+    if suite_logits is not None and binary:
+        from chexformer.robustness import format_table, suite_table
+
+        table = suite_table(y, {k: predictor.probabilities(v[keep]) for k, v in suite_logits.items()}, threshold)
+        results["shift_suite"] = table
+        log.info("robustness suite at threshold %.4f:\n%s", threshold, format_table(table))
+    warnings: list[str] = []
+    ood = predictor.ood_scores([dataset.uint8(i) for i in keep]) if predictor.guard is not None else None
+    if ood is not None:
+        flagged = predictor.guard.flag(ood)
+        results["guard"] = {"threshold": predictor.guard.threshold, "n_flagged": int(flagged.sum()),
+                            "flagged_fraction": float(flagged.mean()) if len(flagged) else 0.0,
+                            "expected_fraction": 1 - predictor.guard.quantile}
+        if flagged.mean() > GUARD_WARN_FRACTION:
+            warnings.append(
+                f"{100 * flagged.mean():.0f} % of these images lie outside the training population "
+                f"(guard score above {predictor.guard.threshold:.2f}; about "
+                f"{100 * (1 - predictor.guard.quantile):.0f} % "
+                "of images like the validation set are). The metrics below may not describe this model's "
+                "behaviour on such data.")
+    if meta.extra.get("data", {}).get("synthetic") or "demo-data" in str(data_dir):
+        warnings.append("This is the synthetic demo data set: a pipeline check, not a medical result.")
     results["threshold_source"] = threshold_source
     results["temperature"] = meta.temperature
+    results["calibration_bias"] = meta.bias
+    results["device"] = str(predictor.device)
+    results["inference_precision"] = predictor.precision
     results["checkpoint"] = str(checkpoint)
     results["data_dir"] = str(data_dir)
     results["skipped"] = skipped
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    _write_predictions(out / "predictions.csv", [samples[i] for i in keep], prob, threshold, meta)
+    _write_predictions(out / "predictions.csv", [samples[i] for i in keep], prob, threshold, meta, ood,
+                       predictor.guard)
 
     # --- plots --------------------------------------------------------------------------------------
     figs: dict[str, Any] = {}
@@ -124,7 +150,13 @@ def evaluate_checkpoint(
                                          auc_ci=at["roc_auc"]["ci95"], threshold=threshold)
             figs["pr"] = plots.plot_pr(y, prob, plot_dir / "pr.png", ap=at["pr_auc"]["value"],
                                        ap_ci=at["pr_auc"]["ci95"])
-        figs["reliability"] = plots.plot_reliability(y, prob, plot_dir / "reliability.png", ece=at["ece"]["value"])
+        raw = 1 / (1 + np.exp(-lg[:, 0]))  # before Platt scaling
+        results["ece_uncalibrated"] = metrics.expected_calibration_error(y, raw)
+        figs["reliability_uncalibrated"] = plots.plot_reliability(
+            y, raw, plot_dir / "reliability_uncalibrated.png", ece=results["ece_uncalibrated"],
+            title="Reliability before calibration (sigmoid of raw logits)")
+        figs["reliability"] = plots.plot_reliability(y, prob, plot_dir / "reliability.png", ece=at["ece"]["value"],
+                                                     title="Reliability after Platt scaling (as reported)")
     else:
         figs["confusion_matrix"] = plots.plot_confusion_matrix(
             results["confusion_matrix"], meta.class_names, plot_dir / "confusion_matrix.png")
@@ -136,11 +168,12 @@ def evaluate_checkpoint(
                                                                           meta.class_names)}
     summary["skipped"] = list(summary.get("skipped", [])) + skipped
     notes = [f"Threshold {threshold:.4f} chosen by {threshold_source}; probabilities calibrated with "
-             f"temperature {meta.temperature:.3f} fitted on validation."] if binary else []
+             f"Platt scaling (temperature {meta.temperature:.3f}, bias {meta.bias:+.3f}) fitted on validation."
+             ] if binary else []
     if cfg.backbone_weights != "file" or not Path(cfg.pretrained_path).is_file():
         notes.append(f"Backbone initialisation: {cfg.backbone_weights} (pretrained_path {cfg.pretrained_path}).")
     report.write_report(out, title=f"chexformer evaluation: {Path(data_dir)}", config=cfg.to_dict(),
-                        data_summary=summary, metrics=results, plots=figs, notes=notes)
+                        data_summary=summary, metrics=results, plots=figs, notes=notes, warnings=warnings)
     log.info("evaluation of %s on %s (%d images): %s; report %s", checkpoint, data_dir, len(keep),
              _headline(results), out / "report.html")
     return results
@@ -155,23 +188,28 @@ def _headline(results: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _write_predictions(path: Path, samples, prob: np.ndarray, threshold: float | None, meta: CheckpointMeta) -> None:
+def _write_predictions(path: Path, samples, prob: np.ndarray, threshold: float | None, meta: CheckpointMeta,
+                       ood: np.ndarray | None = None, guard=None) -> None:
+    """predict's CSV schema plus the truth: path, patient, true_label, prob_<class>..., predicted_label,
+    threshold (+ ood_score, in_distribution with a guard)."""
+    from chexformer.predict import prediction_columns
+
+    names = meta.class_names
+    cols = prediction_columns(names, ["ood_score", "in_distribution"] if ood is not None else [])
+    cols = cols[:1] + ["patient", "true_label"] + [c for c in cols[1:] if c != "error"]
     with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        if prob.ndim == 1:
-            writer.writerow(["path", "patient", "label", "true_class", f"prob_{meta.class_names[1]}", "predicted",
-                             "predicted_class"])
-            for s, p in zip(samples, prob):
-                pred = int(p >= threshold)
-                writer.writerow([s.path, s.group, s.label, meta.class_names[s.label], f"{p:.6f}", pred,
-                                 meta.class_names[pred]])
-        else:
-            writer.writerow(["path", "patient", "label", "true_class", *[f"prob_{c}" for c in meta.class_names],
-                             "predicted", "predicted_class"])
-            for s, p in zip(samples, prob):
-                pred = int(np.argmax(p))
-                writer.writerow([s.path, s.group, s.label, meta.class_names[s.label], *[f"{v:.6f}" for v in p],
-                                 pred, meta.class_names[pred]])
+        writer = csv.DictWriter(f, fieldnames=cols)
+        writer.writeheader()
+        for k, (s, p) in enumerate(zip(samples, prob)):
+            probs = [1 - float(p), float(p)] if np.ndim(p) == 0 else [float(v) for v in p]
+            pred = int(probs[1] >= threshold) if np.ndim(p) == 0 else int(np.argmax(probs))
+            row = {"path": str(s.path), "patient": s.group, "true_label": names[s.label],
+                   **{f"prob_{c}": f"{v:.6f}" for c, v in zip(names, probs)},
+                   "predicted_label": names[pred],
+                   "threshold": "" if threshold is None else f"{threshold:.6f}"}
+            if ood is not None:
+                row.update(ood_score=f"{ood[k]:.6f}", in_distribution=bool(not guard.flag(ood[k:k + 1])[0]))
+            writer.writerow(row)
 
 
 def _explanation_plots(model, meta: CheckpointMeta, dataset, keep, y, prob, plot_dir: Path, n: int) -> dict:
@@ -187,7 +225,10 @@ def _explanation_plots(model, meta: CheckpointMeta, dataset, keep, y, prob, plot
     picks = [int(order[0])] + ([int(order[-1])] if len(order) > 1 else [])
     picks = picks[:max(1, n)]
     x = torch.stack([dataset[keep[i]][0] for i in picks])
-    out = explain_batch(model, x, meta)
+    device = next(model.parameters()).device
+    out = explain_batch(model, x.to(device), meta)
+    out = {k: (v.cpu() if isinstance(v, torch.Tensor) else [a.cpu() for a in v] if isinstance(v, list) else v)
+           for k, v in out.items()}
     figs: dict[str, Any] = {}
     images = plots.denormalize(x, meta.mean, meta.std).permute(0, 2, 3, 1).numpy()
     p = out["probs"].squeeze(-1).numpy() if out["probs"].shape[-1] == 1 else out["probs"].max(-1).values.numpy()

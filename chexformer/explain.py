@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -202,8 +203,8 @@ def explain_batch(model: nn.Module, x: Tensor, meta: Any = None, target: int | N
     Args:
         model: ChexFormer (with attention) or LinearHeadDenseNet (rollout is then None).
         x: normalised images (B, 3, H, W) on the model's device.
-        meta: a :class:`~chexformer.checkpoint.CheckpointMeta` (only ``temperature`` is used);
-            None means temperature 1.
+        meta: a :class:`~chexformer.checkpoint.CheckpointMeta` (``temperature`` and ``bias``
+            are used); None means uncalibrated logits.
         target: Grad-CAM target for multiclass models (default: predicted class).
 
     Returns:
@@ -229,6 +230,8 @@ def explain_batch(model: nn.Module, x: Tensor, meta: Any = None, target: int | N
                 rollout = None
         gradcam = grad_cam_from_features(model, feats, target)
     scaled = logits.float() / temperature
+    if logits.shape[-1] == 1:  # Platt scaling: temperature and bias
+        scaled = scaled + float(getattr(meta, "bias", 0.0) if meta is not None else 0.0)
     probs = torch.sigmoid(scaled) if logits.shape[-1] == 1 else torch.softmax(scaled, dim=-1)
     return {
         "logits": logits,
@@ -291,9 +294,10 @@ def heatmap_mass_in_mask(heatmap: Tensor, mask: Tensor, mode: str = "bilinear") 
 # ----------------------------------------------------------------------------------------------
 # Files in, one panel per image out (``chexformer explain``)
 # ----------------------------------------------------------------------------------------------
-def explain_files(checkpoint, images: Sequence, out_dir, k: int = 6) -> list[dict[str, Any]]:
+def explain_files(checkpoint, images: Sequence, out_dir, k: int = 6, device: str = "auto") -> list[dict[str, Any]]:
     """For each image file: input, attention rollout and Grad-CAM overlays, the most active
-    feature maps and the calibrated prediction in one PNG; a row per image in ``explain.csv``.
+    feature maps and the calibrated prediction in one PNG; a row per image in ``explain.csv``
+    (predict's schema plus ``panel``).
 
     The heatmaps show the evidence for the positive class (binary) or the predicted class."""
     import csv
@@ -301,48 +305,47 @@ def explain_files(checkpoint, images: Sequence, out_dir, k: int = 6) -> list[dic
     from pathlib import Path
 
     from chexformer import plots
-    from chexformer.checkpoint import load_checkpoint
-    from chexformer.data import ImageReadError, build_transforms, load_image, resize_image
-    from chexformer.predict import collect_images
+    from chexformer.data import ImageReadError
+    from chexformer.inference import Prediction, Predictor
+    from chexformer.predict import collect_images, prediction_columns, prediction_row
 
     log = logging.getLogger(__name__)
-    model, meta = load_checkpoint(checkpoint)
-    cfg = meta.config
-    transform = build_transforms(cfg, train=False, mean=meta.mean, std=meta.std)
+    predictor = Predictor.from_checkpoint(checkpoint, device=device, precision="32")
+    model, meta = predictor.model, predictor.meta
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for path in collect_images(images):
-        row: dict[str, Any] = {"path": str(path)}
-        rows.append(row)
+    for n, path in enumerate(collect_images(images)):
         try:
-            img = resize_image(load_image(path, size_hint=cfg.img_size), cfg.img_size, cfg.keep_aspect)
+            img = predictor.load(path)
         except ImageReadError as exc:
-            row["error"] = getattr(exc, "reason", str(exc))
-            log.warning("cannot explain %s: %s", path, row["error"])
+            log.warning("cannot explain %s: %s", path, exc.reason)
+            rows.append(prediction_row(Prediction(str(path), error=exc.reason), meta.class_names))
             continue
-        x = transform(img).unsqueeze(0)
+        x = predictor.to_input([img]).to(predictor.device)
         res = explain_batch(model, x, meta)
-        probs = res["probs"][0].float()
+        probs = res["probs"][0].float().cpu()
         if probs.numel() == 1:
             p = float(probs)
-            label = meta.class_names[int(p >= meta.threshold)]
+            label = predictor.label(np.array([p]))[0]
+            pred = Prediction(str(path), [1 - p, p], label, meta.threshold)
             title = (f"{path.name}: P({meta.class_names[1]}) = {p:.3f} -> {label} "
                      f"(threshold {meta.threshold:.3f}); heatmaps: evidence for {meta.class_names[1]}")
         else:
             c = int(probs.argmax())
-            p, label = float(probs[c]), meta.class_names[c]
-            title = f"{path.name}: {label} (P = {p:.3f}); heatmaps: evidence for {label}"
+            label = meta.class_names[c]
+            pred = Prediction(str(path), [float(v) for v in probs], label, None)
+            title = f"{path.name}: {label} (P = {float(probs[c]):.3f}); heatmaps: evidence for {label}"
         heat = {}
         if res["rollout"] is not None:
             heat["attention rollout"] = res["rollout"][0].cpu().numpy()
         heat["Grad-CAM (denseblock4)"] = res["gradcam"][0].cpu().numpy()
-        png = out / f"{len(rows) - 1:03d}_{path.stem}.png"
+        png = out / f"{n:03d}_{path.stem}.png"
         plots.plot_explanation(img.permute(1, 2, 0).numpy(), heat, res["feats"][0].float().cpu(), png, title, k=k)
-        row.update(probability=p, predicted_label=label, panel=str(png))
+        rows.append({**prediction_row(pred, meta.class_names), "panel": str(png)})
     with (out / "explain.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "probability", "predicted_label", "panel", "error"])
+        writer = csv.DictWriter(f, fieldnames=prediction_columns(meta.class_names, ["panel"]))
         writer.writeheader()
         writer.writerows(rows)
-    log.info("explained %d images into %s", sum("panel" in r for r in rows), out)
+    log.info("explained %d images into %s", sum(bool(r.get("panel")) for r in rows), out)
     return rows

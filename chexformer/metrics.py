@@ -41,6 +41,8 @@ __all__ = [
     "choose_threshold",
     "fit_temperature",
     "apply_temperature",
+    "fit_platt",
+    "apply_platt",
     "expected_calibration_error",
     "reliability_curve",
     "binary_metrics",
@@ -201,6 +203,38 @@ def fit_temperature(logits: Any, labels: Any, multiclass: bool = False) -> float
         log.warning("fitted temperature %.3g is at the search bound %s; check the logits", T, TEMPERATURE_BOUNDS)
     log.info("temperature %.4f: NLL %.4f -> %.4f", T, _nll(z, y, multiclass), _nll(z / T, y, multiclass))
     return T
+
+
+def fit_platt(logits: Any, labels: Any) -> tuple[float, float]:
+    """Platt scaling of binary logits: ``(T, b)`` minimising the NLL of ``sigmoid(z / T + b)``.
+
+    Unlike a temperature alone it can shift as well as scale, so it undoes the offset that class
+    weighting (``pos_weight``) puts into the logits. ``T`` stays within ``TEMPERATURE_BOUNDS``;
+    a tiny L2 penalty on ``b`` (1e-4) keeps perfectly separable validation data finite.
+    """
+    from scipy.optimize import minimize
+
+    z, y = _logit_inputs(logits, labels, multiclass=False)
+    lo, hi = (math.log(b) for b in TEMPERATURE_BOUNDS)
+
+    def loss(v: np.ndarray) -> float:
+        a, b = math.exp(-v[0]), v[1]
+        return _nll(a * z + b, y, False) + 1e-4 * b * b
+
+    res = minimize(loss, x0=np.zeros(2), method="L-BFGS-B", bounds=[(lo, hi), (-20.0, 20.0)])
+    T, b = float(math.exp(res.x[0])), float(res.x[1])
+    log.info("Platt scaling T=%.4f b=%+.4f: NLL %.4f -> %.4f", T, b, _nll(z, y, False), _nll(z / T + b, y, False))
+    return T, b
+
+
+def apply_platt(logits: Any, T: float, b: float = 0.0) -> np.ndarray:
+    """Calibrated binary probabilities ``sigmoid(logits / T + b)``, shape (N,)."""
+    if not T > 0:
+        raise ValueError(f"temperature must be positive, got {T}")
+    z = _to_numpy(logits, dtype=np.float64)
+    if z.ndim == 2 and z.shape[1] == 1:
+        z = z[:, 0]
+    return expit(z / T + b)
 
 
 def apply_temperature(logits: Any, T: float, multiclass: bool = False) -> np.ndarray:

@@ -48,8 +48,11 @@ PLOT_CAPTIONS: dict[str, str] = {
     "confusion_matrix_0.5": "Confusion matrix at threshold 0.5.",
     "roc": "ROC curve with the AUC, its bootstrap 95% CI and the operating point of the chosen threshold.",
     "pr": "Precision-recall curve; the dashed line is the prevalence (a classifier that cannot rank).",
-    "reliability": "Reliability diagram: observed frequency against predicted probability (diagonal = "
-    "perfectly calibrated), with the distribution of predictions underneath.",
+    "reliability_uncalibrated": "Reliability before calibration: the sigmoid of the raw logits (class "
+    "weighting shifts them), observed frequency against predicted probability.",
+    "reliability": "Reliability after Platt scaling fitted on validation (the probabilities reported): observed "
+    "frequency against predicted probability (diagonal = perfectly calibrated), with the distribution of "
+    "predictions underneath.",
     "inputs": "Model inputs as the network sees them (resized; normalisation undone for display).",
     "feature_maps": "Most active DenseNet feature channels, upsampled onto the image (red = strong).",
     "attention": "Class-token attention per encoder layer and head, overlaid on the image (red = high).",
@@ -82,6 +85,7 @@ td.ci { color: var(--muted); text-align: right; white-space: nowrap; }
 td.na { color: var(--muted); font-style: italic; text-align: right; }
 .group { border-left: 2px solid var(--line); }
 .note { background: #fff8e1; border-left: 4px solid #e0a800; padding: 10px 14px; margin: 12px 0; }
+.warning { background: #fdecea; border-left: 6px solid #c62828; padding: 10px 14px; margin: 12px 0; font-size: 1.05em; }
 .note ul { margin: 0; padding-left: 20px; }
 .small { font-size: 0.88rem; color: var(--muted); }
 figure { margin: 20px 0 28px; }
@@ -370,6 +374,22 @@ def _config_section(config: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
+def _shift_suite_section(table: Mapping[str, Any]) -> str:
+    """The robustness suite: AUC, sensitivity, specificity per acquisition shift, mean and worst."""
+    rows = list(table.get("rows", {}).items()) + [("mean over shifts", table.get("mean", {})),
+                                                   ("worst case", table.get("worst", {}))]
+    body = "".join(
+        f"<tr><td>{_e(k)}</td>" + "".join(f"<td>{_fmt(r.get(m))}</td>" for m in
+                                           ("roc_auc", "sensitivity", "specificity", "accuracy")) + "</tr>"
+        for k, r in rows)
+    return ("<section><h2>Robustness suite (simulated acquisition shift)</h2>"
+            f"<p>The same images re-scored under resolution loss, blur, noise, contrast curves, JPEG, crops "
+            f"and borders (3 severities each) at threshold {_fmt(table.get('threshold'), 4)}. A proxy for a "
+            "new scanner or period, not a substitute for data from one.</p>"
+            "<table><thead><tr><th>shift</th><th>ROC AUC</th><th>sensitivity</th><th>specificity</th>"
+            f"<th>accuracy</th></tr></thead><tbody>{body}</tbody></table></section>")
+
+
 def write_report(
     out_dir: str | Path,
     *,
@@ -379,6 +399,7 @@ def write_report(
     metrics: Mapping[str, Any],
     plots: Mapping[str, str | Path | Sequence[str | Path]],
     notes: Sequence[str] = (),
+    warnings: Sequence[str] = (),
 ) -> Path:
     """Write ``out_dir/report.html`` and return its path.
 
@@ -401,6 +422,8 @@ def write_report(
             ``feature_maps``, ``attention``, ``gradcam``, ...) get a descriptive caption; a missing
             file leaves a visible placeholder and a warning in the log.
         notes: free-text caveats shown prominently under the header.
+        warnings: shown first, as a red banner (e.g. a test set largely outside the training
+            population, or the synthetic demo data).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -413,15 +436,20 @@ def write_report(
     if notes:
         items = "".join(f"<li>{_e(n)}</li>" for n in notes)
         notes_html = f'<section class="note"><strong>Notes</strong><ul>{items}</ul></section>'
+    warnings_html = "".join(f'<section class="warning" role="alert"><strong>Warning:</strong> {_e(w)}</section>'
+                            for w in warnings)
+    suite_html = _shift_suite_section(metrics.get("shift_suite")) if metrics.get("shift_suite") else ""
     try:
         generator = f"chexformer {version('chexformer')}"
     except PackageNotFoundError:  # running from a source tree that is not installed
         generator = "chexformer"
     body = "".join([
         _header(title, metrics),
+        warnings_html,
         notes_html,
         f"<section>{_data_section(data_summary or {}, class_names)}</section>",
         f"<section>{metrics_html}</section>",
+        suite_html,
         f"<section>{_figures_section(plots or {})}</section>",
         f"<section>{_config_section(config or {})}</section>",
         f"<footer>Generated by {_e(generator)}. Self-contained page: images are embedded, nothing is loaded "

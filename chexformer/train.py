@@ -21,7 +21,14 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import (
+    Callback,
+    Checkpoint,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    WeightAveraging,
+)
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, WeightedRandomSampler
@@ -59,11 +66,14 @@ class XrayDataModule(L.LightningDataModule):
         self.skipped: list[tuple[Path, str]] = []
         self.ignored = 0
         self.val_source = "split"
+        self.shared_patients: dict[str, list[str]] = {}
         self._scanned = False
         self._built = False
         self.train_set = self.val_set = None
         self.train_images = self.val_images = None  # image datasets, also when features are cached
         self.cached = False
+        self.cache_request: dict[str, Any] | None = None
+        self.cache_device: str | None = None
 
     # --- scanning and splitting ---------------------------------------------------------------
     def scan(self) -> None:
@@ -75,22 +85,30 @@ class XrayDataModule(L.LightningDataModule):
         root = Path(self.cfg.data_dir)
         if not root.is_dir():
             raise data.DatasetLayoutError(
-                f"data folder not found: {root}\n{data.LAYOUT}\n"
-                "The public pediatric pneumonia data set (Kermany et al., 2018, CC BY 4.0) has this layout: "
-                "'Labeled Optical Coherence Tomography (OCT) and Chest X-Ray Images for Classification', "
-                "Mendeley Data, doi:10.17632/rscbjbr9sj.2 (folder chest_xray/ with train/ and test/)."
+                f"data folder not found: {root}\n"
+                "The public pediatric pneumonia data set (Kermany et al., 2018, CC BY 4.0: 'Labeled Optical "
+                "Coherence Tomography (OCT) and Chest X-Ray Images for Classification', Mendeley Data, "
+                "doi:10.17632/rscbjbr9sj.2, folder chest_xray/ with train/ and test/) has the layout below."
             )
         kw = dict(strict=self.cfg.strict, patient_regex=self.cfg.patient_regex)
         train = data.scan_folder(root / "train", **kw)
         self.class_names = train.class_names
         self.skipped += train.skipped
         self.ignored += train.ignored
-        if (root / "val").is_dir():
-            val = data.scan_folder(root / "val", self.class_names, **kw)
+        val = data.scan_folder(root / "val", self.class_names, **kw) if (root / "val").is_dir() else None
+        counts = data.class_counts(val.samples, len(self.class_names)) if val is not None else []
+        if val is not None and min(counts) >= self.cfg.min_val_per_class:
             self.skipped += val.skipped
             self.train_samples, self.val_samples = train.samples, val.samples
             self.val_source = "folder"
         else:
+            if val is not None:
+                log.warning(
+                    "%s has too few images to choose a threshold, calibrate and early-stop on (%s; need >= %d per "
+                    "class, min_val_per_class): it is NOT used; validating on a patient-grouped %.0f %% split of "
+                    "train/ instead", root / "val", dict(zip(self.class_names, counts)), self.cfg.min_val_per_class,
+                    100 * self.cfg.validation_split)
+                self.val_source = f"split (val/ set aside: {sum(counts)} images)"
             self.train_samples, self.val_samples = data.split_by_patient(
                 train.samples, self.cfg.validation_split, self.cfg.seed
             )
@@ -98,6 +116,16 @@ class XrayDataModule(L.LightningDataModule):
             test = data.scan_folder(root / "test", self.class_names, **kw)
             self.skipped += test.skipped
             self.test_samples = test.samples
+        self.shared_patients = data.shared_patients(
+            {"train": self.train_samples, "val": self.val_samples, "test": self.test_samples}, self.cfg.patient_regex)
+        if self.shared_patients:
+            listing = "; ".join(f"{pair}: {', '.join(ids)}" for pair, ids in self.shared_patients.items())
+            if not self.cfg.allow_patient_overlap:
+                raise data.PatientOverlapError(
+                    f"the same patients (or byte-identical files) appear in more than one split: {listing}. "
+                    "Their images would leak between training and evaluation. Move them to one split, or pass "
+                    "--allow-patient-overlap true if the ids only coincide.")
+            log.warning("patients shared between splits (allowed by allow_patient_overlap): %s", listing)
         self._scanned = True
         log.info("data: %s", json.dumps(self.summary()["splits"]))
 
@@ -110,6 +138,7 @@ class XrayDataModule(L.LightningDataModule):
         return {
             "class_names": self.class_names,
             "val_source": self.val_source,
+            "shared_patients": self.shared_patients,
             "splits": {k: data.describe(v, self.class_names) for k, v in splits.items()},
             "skipped": [[str(p), r] for p, r in self.skipped],
             "ignored_non_images": self.ignored,
@@ -137,7 +166,8 @@ class XrayDataModule(L.LightningDataModule):
 
         return data.build_transforms(self.cfg, train=train, mean=self.mean, std=self.std)
 
-    def setup(self, stage: str | None = None) -> None:
+    def build_images(self) -> None:
+        """The image datasets of train and val (decoded and preloaded once). Idempotent."""
         self.scan()
         if self._built:
             return
@@ -149,20 +179,29 @@ class XrayDataModule(L.LightningDataModule):
                                              self.transforms(train=True), preload=preload)
         self.val_images = data.XrayDataset(self.val_samples, cfg.img_size, cfg.keep_aspect,
                                            self.transforms(train=False), preload=preload)
-        if not self.cached:
-            self.train_set, self.val_set = self.train_images, self.val_images
+        self.train_set, self.val_set = self.train_images, self.val_images
         self._built = True
+
+    def setup(self, stage: str | None = None) -> None:
+        """Lightning's per-process hook: images, then (fast frozen path) the feature cache, built
+        on this rank's own device once the process group exists."""
+        self.build_images()
+        if self.cache_request is not None and not self.cached:
+            trainer = getattr(self, "trainer", None)
+            device = trainer.strategy.root_device if trainer is not None else default_device(self.cfg.accelerator)
+            self.enable_feature_cache(device=device, **self.cache_request)
 
     def enable_feature_cache(self, model, cache_dir: Path | None, precision: str, device) -> None:
         """Replace the image datasets by cached backbone maps (the backbone must be frozen)."""
         if not model.backbone_frozen:
             raise ValueError("the feature cache needs a fully frozen backbone (freeze_cnn=true, fine_tune_layers=0)")
-        self.setup()
+        self.build_images()
         cfg = self.cfg
         views = cfg.cache_views if cfg.augment else 1
         desc = json.dumps({k: getattr(cfg, k) for k in (
             "img_size", "keep_aspect", "augment", "rotation_deg", "translate", "scale_min", "scale_max",
-            "brightness", "contrast", "seed")} | {"mean": self.mean, "std": self.std}, sort_keys=True)
+            "brightness", "contrast", "acquisition_aug", "acquisition_strength", "intensity", "seed")}
+            | {"mean": self.mean, "std": self.std, "precision": precision}, sort_keys=True)
         kw = dict(batch_size=max(cfg.batch_size, 32), device=device, autocast_dtype=autocast_dtype(precision),
                   channels_last=cfg.channels_last)
         model.to(device)
@@ -175,6 +214,9 @@ class XrayDataModule(L.LightningDataModule):
         self.train_set = CachedFeatureDataset(train_cache, [s.label for s in self.train_samples], random_view=True)
         self.val_set = CachedFeatureDataset(val_cache, [s.label for s in self.val_samples], random_view=False)
         self.cached = True
+        self.cache_device = str(device)
+        log.info("fast frozen path: training the transformer on cached backbone maps (%d views per image, on %s)",
+                 views, device)
 
     # --- loaders ------------------------------------------------------------------------------------
     def _loader(self, dataset, shuffle: bool, sampler=None) -> DataLoader:
@@ -221,6 +263,7 @@ class ChexFormerModule(L.LightningModule):
         self.use_features = False
         self.threshold = 0.5
         self.temperature = 1.0
+        self.bias = 0.0
         self.val_auc = float("nan")
         self.explain_images: torch.Tensor | None = None
         self.data_summary: dict[str, Any] = {}
@@ -229,6 +272,7 @@ class ChexFormerModule(L.LightningModule):
         self._val_out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self._train_out: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._log_grads = False
+        self.epoch_train_metrics: dict[str, float] = {}
 
     # --- steps ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -261,7 +305,7 @@ class ChexFormerModule(L.LightningModule):
         bs = y.shape[0]
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("train_acc", self._accuracy(logits, y), on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
-        self._train_out.append((logits.detach().float(), y.detach()))
+        self._train_out.append((logits.detach().float(), y.detach(), loss.detach().float() * bs))
         return loss
 
     def on_train_epoch_start(self) -> None:
@@ -269,12 +313,18 @@ class ChexFormerModule(L.LightningModule):
         self._train_out = []
 
     def on_train_epoch_end(self) -> None:
-        """AUC over the epoch's training predictions (as trained: augmented, dropout on)."""
+        """This epoch's training loss, accuracy and AUC (as trained: augmented, dropout on), kept
+        in :attr:`epoch_train_metrics` for the history; AUC is also logged."""
         if not self._train_out:
             return
         logits = torch.cat([o[0] for o in self._train_out]).cpu()
-        y = torch.cat([o[1] for o in self._train_out]).cpu().numpy()
+        y = torch.cat([o[1] for o in self._train_out]).cpu()
+        loss = float(sum(o[2] for o in self._train_out)) / len(y)
         self._train_out = []
+        self.epoch_train_metrics = {"train_loss": loss,
+                                    "train_acc": float(self._accuracy(logits, y)),
+                                    "train_auc": float("nan")}
+        y = y.numpy()
         if len(np.unique(y)) < 2:
             return
         from sklearn.metrics import roc_auc_score
@@ -286,6 +336,7 @@ class ChexFormerModule(L.LightningModule):
             prob = torch.softmax(logits, 1).numpy()[:, present]
             auc = roc_auc_score(y, prob / prob.sum(1, keepdims=True), multi_class="ovr", labels=present) \
                 if len(present) > 2 else float("nan")
+        self.epoch_train_metrics["train_auc"] = float(auc)
         self.log("train_auc", float(auc), sync_dist=False)
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -329,10 +380,14 @@ class ChexFormerModule(L.LightningModule):
         lg = logits.numpy()
         self.val_predictions = {"logits": lg[:, 0].tolist() if self.binary else lg.tolist(), "labels": y.tolist()}
         if self.binary:
-            self.temperature = float(metrics.fit_temperature(lg[:, 0], y))
-            prob = metrics.apply_temperature(lg[:, 0], self.temperature)
-            self.threshold = float(metrics.choose_threshold(
-                y, prob, self.cfg.threshold_method, self.cfg.target_sensitivity))
+            self.temperature, self.bias = metrics.fit_platt(lg[:, 0], y)
+            prob = metrics.apply_platt(lg[:, 0], self.temperature, self.bias)
+            if self.cfg.threshold_method == "sensitivity":
+                self.threshold = float(metrics.choose_threshold(y, prob, "sensitivity", self.cfg.target_sensitivity))
+            else:  # Youden's J on clean validation, middle of its best range; shift_robust is set after training
+                from chexformer.robustness import robust_threshold
+
+                self.threshold = robust_threshold(y, {"clean": prob})
             self.val_auc = float(roc_auc_score(y, prob))
         else:
             self.temperature = float(metrics.fit_temperature(lg, y, multiclass=True))
@@ -406,7 +461,7 @@ class ChexFormerModule(L.LightningModule):
     def meta(self) -> CheckpointMeta:
         return CheckpointMeta(
             config=self.cfg, class_names=self.class_names, mean=self.mean, std=self.std,
-            threshold=self.threshold, temperature=self.temperature, epoch=self.validated_epoch,
+            threshold=self.threshold, temperature=self.temperature, bias=self.bias, epoch=self.validated_epoch,
             extra={"val_auc": None if np.isnan(self.val_auc) else self.val_auc, "data": self.data_summary,
                    "val_predictions": self.val_predictions},
         )
@@ -418,6 +473,7 @@ class ChexFormerModule(L.LightningModule):
         meta = checkpoint.get("chexformer", {})
         self.threshold = float(meta.get("threshold", 0.5))
         self.temperature = float(meta.get("temperature", 1.0))
+        self.bias = float(meta.get("bias", 0.0))
         self.validated_epoch = int(meta.get("epoch", -1))
         self.val_predictions = dict(meta.get("extra", {}).get("val_predictions", {}))
 
@@ -428,8 +484,14 @@ def _normalise(t: torch.Tensor) -> torch.Tensor:
     return (t - lo) / (hi - lo).clamp_min(1e-8)
 
 
-class HistoryCSV(Callback):
-    """``history.csv``: one row of metrics per epoch, rewritten atomically after each epoch."""
+class HistoryCSV(Checkpoint):
+    """``history.csv``: one row of metrics per epoch, rewritten atomically after each epoch.
+
+    The train columns are the module's own averages over this epoch's batches
+    (:attr:`ChexFormerModule.epoch_train_metrics`), the val columns this epoch's validation.
+    Subclassing :class:`Checkpoint` makes Lightning call this after the module's
+    ``on_train_epoch_end`` (as for ModelCheckpoint), so every row belongs to one epoch.
+    """
 
     FIELDS = ["epoch", "train_loss", "train_acc", "train_auc", "val_loss", "val_acc", "val_auc", "lr", "threshold",
               "seconds"]
@@ -445,9 +507,10 @@ class HistoryCSV(Callback):
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        train = getattr(pl_module, "epoch_train_metrics", {})
         row = {
-            "epoch": trainer.current_epoch, "train_loss": m.get("train_loss"), "train_acc": m.get("train_acc"),
-            "train_auc": m.get("train_auc"),
+            "epoch": trainer.current_epoch, "train_loss": train.get("train_loss"), "train_acc": train.get("train_acc"),
+            "train_auc": train.get("train_auc"),
             "val_loss": m.get("val_loss"), "val_acc": m.get("val_acc"), "val_auc": m.get("val_auc"),
             "lr": trainer.optimizers[0].param_groups[0]["lr"], "threshold": pl_module.threshold,
             "seconds": round(time.perf_counter() - self._start, 2),
@@ -459,6 +522,16 @@ class HistoryCSV(Callback):
             writer.writeheader()
             writer.writerows(rows)
         os.replace(tmp, self.path)
+
+
+class EMA(WeightAveraging):
+    """Exponential moving average of every parameter and buffer, updated after each optimiser
+    step; Lightning validates and checkpoints the averaged weights."""
+
+    def __init__(self, decay: float) -> None:
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:
@@ -511,10 +584,8 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
         cache_dir = None
         if cfg.cache_features == "disk":
             cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "feature_cache"
-        dm.enable_feature_cache(model, cache_dir, precision, default_device(accelerator))
+        dm.cache_request = {"model": model, "cache_dir": cache_dir, "precision": precision}  # built in setup()
         module.use_features = True
-        log.info("fast frozen path: the backbone is frozen, training the transformer on cached feature maps "
-                 "(%d views per image)", dm.train_set.cache.views)
     if cfg.compile:
         # nn.Module.compile compiles in place and keeps state-dict keys, so checkpoints stay portable.
         target = module.model if not module.use_features else None
@@ -524,7 +595,7 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
             layer.compile()
         log.info("torch.compile: backbone%s and encoder layers compiled (first steps are slow)",
                  " (skipped: cached features)" if module.use_features else "")
-    dm.setup()
+    dm.build_images()
     n_explain = min(4, len(dm.val_images))
     module.explain_images = torch.stack([dm.val_images[i][0] for i in range(n_explain)]) if n_explain else None
 
@@ -544,7 +615,10 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
         EarlyStopping(monitor="val_loss", mode="min", patience=cfg.patience),
         LearningRateMonitor(logging_interval="epoch"),
         HistoryCSV(out / "history.csv"),
+        RankAgreement(),
     ]
+    if cfg.ema_decay > 0:
+        callbacks.insert(0, EMA(cfg.ema_decay))
     logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version="", default_hp_metric=False)
     steps_per_epoch = max(1, -(-len(dm.train_set) // cfg.batch_size))
     trainer = L.Trainer(
@@ -571,7 +645,9 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
             log.warning("--resume: no %s yet, starting from the beginning", last)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     trainer.save_checkpoint(ckpt_dir / "final.ckpt")
-    _check_ranks_agree(trainer, module)
+    robustness = None
+    if trainer.is_global_zero and (ckpt_dir / "best.ckpt").is_file() and len(dm.class_names) == 2 and dm.val_samples:
+        robustness = finalize_best(ckpt_dir / "best.ckpt", dm.train_images, dm.val_images, cfg, out)
 
     summary: dict[str, Any] = {
         "out_dir": str(out),
@@ -587,6 +663,8 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
         "best_val_loss": _float(checkpoint.best_model_score),
         "world_size": trainer.world_size,
     }
+    if robustness is not None:
+        summary["validation_shift_suite"] = robustness
     if not trainer.is_global_zero:
         return summary
     if evaluate and dm.test_samples:
@@ -601,6 +679,56 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
     return summary
 
 
+GUARD_MAX_TRAIN_IMAGES = 2000
+
+
+def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path) -> dict[str, Any]:
+    """After training, with the best checkpoint: score validation clean, under the robustness
+    suite and with TTA; store in the checkpoint the operating threshold of ``cfg.threshold_method``
+    (for 'shift_robust': maximal mean Youden J over the clean and the 24 shifted copies), the
+    threshold for TTA and the out-of-population guard (fitted on up to 2,000 training images,
+    thresholded on validation); write ``OUT/validation_shift_suite.json``. Returns the suite's table."""
+    from chexformer import metrics
+    from chexformer.guard import fit_guard
+    from chexformer.inference import Predictor
+    from chexformer.robustness import format_table, robust_threshold, shift_suite_logits, suite_table
+    from chexformer.weights import read_checkpoint_file
+
+    start = time.perf_counter()
+    predictor = Predictor.from_checkpoint(best, device=str(default_device(cfg.accelerator)), precision=cfg.precision)
+    y = np.array([s.label for s in val_images.samples])
+    logits = shift_suite_logits(predictor, val_images, seed=cfg.seed)
+    probs = {k: predictor.probabilities(v) for k, v in logits.items()}
+    youden = float(metrics.choose_threshold(y, probs["clean"], "youden"))
+    robust = robust_threshold(y, probs)
+    if cfg.threshold_method == "shift_robust":
+        threshold = robust
+    else:
+        threshold = float(metrics.choose_threshold(y, probs["clean"], cfg.threshold_method, cfg.target_sensitivity))
+    images = [val_images.uint8(i) for i in range(len(val_images))]
+    tta_prob = np.concatenate([predictor.predict_images(images[i:i + 32], tta=True) for i in range(0, len(images), 32)])
+    tta_threshold = robust_threshold(y, {"clean": tta_prob}) if cfg.threshold_method == "shift_robust" else \
+        float(metrics.choose_threshold(y, tta_prob, cfg.threshold_method, cfg.target_sensitivity))
+    step = max(1, len(train_images) // GUARD_MAX_TRAIN_IMAGES)
+    guard = fit_guard(predictor, [train_images.uint8(i) for i in range(0, len(train_images), step)], images)
+    table = suite_table(y, probs, threshold)
+    table.update({"method": cfg.threshold_method, "youden_clean": youden, "shift_robust": robust,
+                  "tta_threshold": tta_threshold, "seconds": round(time.perf_counter() - start, 1)})
+    obj = read_checkpoint_file(best)
+    obj["chexformer"]["threshold"] = threshold
+    obj["chexformer"].setdefault("extra", {}).update({
+        "tta_threshold": tta_threshold, "threshold_rule": cfg.threshold_method, "guard": guard,
+        "validation_shift_suite": {k: v for k, v in table.items() if k != "rows"},
+    })
+    tmp = best.with_suffix(".ckpt.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, best)
+    (out / "validation_shift_suite.json").write_text(json.dumps(table, indent=2))
+    log.info("validation under the robustness suite (threshold %.4f, %s; clean Youden %.4f):\n%s",
+             threshold, cfg.threshold_method, youden, format_table(table))
+    return table
+
+
 def _parse_devices(devices: str):
     text = str(devices).strip()
     if text.isdigit() or (text.startswith("-") and text[1:].isdigit()):
@@ -612,18 +740,26 @@ def _float(v) -> float | None:
     return None if v is None else float(v)
 
 
-def _check_ranks_agree(trainer: L.Trainer, module: ChexFormerModule) -> None:
-    """Under DDP every rank must end with identical weights; say so, or fail loudly."""
-    if trainer.world_size < 2:
-        return
-    checksum = torch.stack([p.detach().double().sum() for p in module.model.parameters()]).sum().reshape(1)
-    gathered = module.all_gather(checksum.to(module.device)).flatten().cpu()
-    if not torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=1e-6):
-        raise RuntimeError(f"DDP ranks disagree on the final weights: parameter checksums {gathered.tolist()}")
-    if trainer.is_global_zero:
-        log.info("DDP: all %d ranks hold identical weights (checksum %.6f)", trainer.world_size, gathered[0])
-        (Path(module.cfg.out_dir) / "ddp_check.json").write_text(
-            json.dumps({"world_size": trainer.world_size, "checksums": gathered.tolist(), "agree": True}))
+class RankAgreement(Callback):
+    """Under DDP every rank must end with identical weights: checked in ``on_train_end``, while
+    the process group and each rank's device are still alive (an NCCL group only reduces CUDA
+    tensors, and after ``fit`` returns the group is gone). Writes ``OUT/ddp_check.json``."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.world_size < 2:
+            return
+        checksum = torch.stack([p.detach().double().sum() for p in pl_module.model.parameters()]).sum().reshape(1)
+        gathered = pl_module.all_gather(checksum.to(pl_module.device)).flatten().cpu()
+        agree = bool(torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=1e-6))
+        if trainer.is_global_zero:
+            (Path(pl_module.cfg.out_dir) / "ddp_check.json").write_text(json.dumps(
+                {"world_size": trainer.world_size, "checksums": gathered.tolist(), "agree": agree,
+                 "device": str(pl_module.device), "process_group_alive": torch.distributed.is_initialized(),
+                 "feature_cache_device": getattr(trainer.datamodule, "cache_device", None)}))
+        if not agree:
+            raise RuntimeError(f"DDP ranks disagree on the final weights: parameter checksums {gathered.tolist()}")
+        if trainer.is_global_zero:
+            log.info("DDP: all %d ranks hold identical weights (checksum %.6f)", trainer.world_size, gathered[0])
 
 
 def _log_summary(summary: dict[str, Any]) -> None:

@@ -105,29 +105,23 @@ def _write_inputs(folder):
 def test_predict_with_a_corrupt_file(ckpt, tmp_path):
     _write_inputs(tmp_path / "in")
     out = tmp_path / "preds.csv"
-    assert main(["predict", "--checkpoint", str(ckpt), "--output", str(out), str(tmp_path / "in")]) == 0
+    assert main(["predict", "--checkpoint", str(ckpt), "--output", str(out), "--precision", "32",
+                 str(tmp_path / "in")]) == 0
     rows = {r["path"].split("/")[-1]: r for r in csv.DictReader(out.open())}
     assert set(rows) == {"a.png", "b.jpg", "c16.png", "broken.png"}
-    assert rows["broken.png"]["error"] and not rows["broken.png"]["probability"]
+    assert rows["broken.png"]["error"] and not rows["broken.png"]["prob_PNEUMONIA"]
     for name in ("a.png", "b.jpg", "c16.png"):
-        p = float(rows[name]["probability"])
+        p = float(rows[name]["prob_PNEUMONIA"])
         assert 0 <= p <= 1 and rows[name]["predicted_label"] == ("PNEUMONIA" if p >= 0.4 else "NORMAL")
-    # the CSV agrees with the model applied directly (fp32)
+        assert float(rows[name]["prob_NORMAL"]) == pytest.approx(1 - p, abs=2e-6)
+    # the CSV agrees with the model applied directly (fp32, Platt scaling with the stored T and b)
     from chexformer.data import build_transforms, load_image, resize_image
 
     model, meta = load_checkpoint(ckpt)
     x = build_transforms(meta.config, False, meta.mean, meta.std)(resize_image(load_image(tmp_path / "in/a.png"), 64))
     with torch.no_grad():
-        expected = torch.sigmoid(model(x[None]) / meta.temperature).item()
-    assert float(rows["a.png"]["probability"]) == pytest.approx(expected, abs=1e-5)
-
-
-def test_predict_with_tta(ckpt, tmp_path):
-    _write_inputs(tmp_path / "in")
-    from chexformer.predict import predict_paths
-
-    rows = predict_paths(ckpt, [tmp_path / "in" / "a.png"], None, tta=True, progress=False)
-    assert 0 <= rows[0]["probability"] <= 1
+        expected = torch.sigmoid(model(x[None]) / meta.temperature + meta.bias).item()
+    assert float(rows["a.png"]["prob_PNEUMONIA"]) == pytest.approx(expected, abs=1e-5)
 
 
 def test_explain_writes_one_panel_per_image(ckpt, tmp_path):

@@ -33,9 +33,12 @@ from chexformer.data import (
     resize_image,
     scan_folder,
     split_by_patient,
+    standardize_intensity,
     write_split_csv,
 )
 from chexformer.synthetic import make_synthetic_dataset, synthetic_image
+
+from .conftest import write_dicom as _write_dicom
 
 SHARED_DATA = Path(__file__).parents[2] / "shared" / "data"
 KERMANY_TRAIN = SHARED_DATA / "kermany224" / "train"
@@ -61,34 +64,6 @@ def _jpeg_bytes(seed: int = 0, size: int = 48) -> bytes:
     buf = io.BytesIO()
     Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(buf, "JPEG")
     return buf.getvalue()
-
-
-def _write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **attrs) -> Path:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    frames = pixels.shape[0] if pixels.ndim == 3 else 1
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def _grey(img: Image.Image) -> np.ndarray:
@@ -166,26 +141,57 @@ def test_load_image_returns_rgb8_for_every_mode(tmp_path, mode):
     path = _save(img, tmp_path / f"img{suffix}")
     out = load_image(path)
     assert out.mode == "RGB" and out.size == (40, 32)
-    if mode in ("I", "F", "I;16"):
-        ref = np.asarray(base, np.float64)
-        expected = np.rint((ref - ref.min()) * 255 / (ref.max() - ref.min()))
-        assert np.array_equal(_grey(out), expected)  # scaled by its own min..max to 0..255
+    if mode in ("L", "I", "F", "I;16"):  # one rule for every depth: the image's own percentiles -> 0..255
+        assert np.abs(_grey(out).astype(int) - standardize_intensity(np.asarray(base))).max() <= 1
+
+
+def _picture(h: int = 48, w: int = 40) -> np.ndarray:
+    """A smooth 8-bit grey picture (so every encoding keeps its ranks)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.clip(40 + 3 * yy + 2 * xx + 20 * np.sin(xx / 3.0), 0, 255).astype(np.uint8)
+
+
+def test_intensity_rule_is_linear_invariant():
+    v = _picture().astype(np.float64)
+    ref = standardize_intensity(v).astype(int)
+    for scaled in (v * 257, v * 16 + 7):
+        assert np.abs(standardize_intensity(scaled).astype(int) - ref).max() <= 1
+    assert np.abs(255 - standardize_intensity(-3 * v + 1e4).astype(int) - ref).max() <= 1  # negated: inverted
+    assert standardize_intensity(np.full((8, 8), 7.0)).max() == 0  # flat image: black, no division by zero
+
+
+def test_same_picture_same_pixels_in_every_format(tmp_path):
+    """8-bit PNG, 16-bit PNG (x 257), 12-bit PNG, 16-bit TIFF, DICOM MONOCHROME2 with and without a
+    window covering the data, and MONOCHROME1 decode to (nearly) the same bytes; JPEG close to them."""
+    v8 = _picture()
+    ref = _grey(load_image(_save(Image.fromarray(v8), tmp_path / "p8.png"))).astype(int)
+    v16 = v8.astype(np.uint16) * 257
+    v12 = np.rint(v8.astype(np.float64) * 4095 / 255).astype(np.uint16)
+    files = {
+        "png16": _save(Image.fromarray(v16), tmp_path / "p16.png"),
+        "png12": _save(Image.fromarray(v12), tmp_path / "p12.png"),
+        "tiff16": _save(Image.fromarray(v16), tmp_path / "p16.tif"),
+        "dicom": _write_dicom(tmp_path / "m2.dcm", v12),
+        "dicom_window": _write_dicom(tmp_path / "w.dcm", v12, WindowCenter=2047.5, WindowWidth=4096),
+        "dicom_mono1": _write_dicom(tmp_path / "m1.dcm", (4095 - v12).astype(np.uint16), "MONOCHROME1"),
+    }
+    for name, path in files.items():
+        assert np.abs(_grey(load_image(path)).astype(int) - ref).max() <= 1, name
+    jpeg = _grey(load_image(_save(Image.fromarray(v8), tmp_path / "p.jpeg", quality=95))).astype(int)
+    assert np.abs(jpeg - ref).mean() < 2.0
 
 
 def test_load_image_dicom_window_and_monochrome1_inversion(tmp_path):
     ramp = np.tile(np.arange(0, 1001, 10, dtype=np.uint16), (4, 1))  # stored values 0..1000
-    # MONOCHROME2, window in stored units: 250..750 -> 0..255
-    mono2 = load_image(_write_dicom(tmp_path / "a.dcm", ramp, WindowCenter=500, WindowWidth=500))
-    g2 = _grey(mono2)[0]
-    assert g2[0] == 0 and g2[20] == 0 and g2[80] == 255 and g2[-1] == 255 and abs(g2[50] - 128) <= 1
-    # MONOCHROME1 with rescale to -1000..1000 and a window on the rescaled values (-500..500),
-    # written without a suffix: found by its DICM magic. Inverted: low values are bright.
-    mono1 = load_image(_write_dicom(tmp_path / "b", ramp, "MONOCHROME1", RescaleSlope=2, RescaleIntercept=-1000,
-                                    WindowCenter=0, WindowWidth=1000))
-    g1 = _grey(mono1)[0]
-    assert g1[0] == 255 and g1[25] == 255 and g1[75] == 0 and g1[-1] == 0 and abs(g1[50] - 128) <= 1
-    assert np.all(np.diff(g1) <= 0)
-    # No window: min..max, still inverted for MONOCHROME1.
+    # MONOCHROME2, window 250..750 honoured (values outside it saturate), then the intensity rule
+    g2 = _grey(load_image(_write_dicom(tmp_path / "a.dcm", ramp, WindowCenter=500, WindowWidth=500)))[0]
+    assert g2[0] == 0 and g2[20] == 0 and g2[80] == 255 and g2[-1] == 255 and abs(int(g2[50]) - 128) <= 2
+    # MONOCHROME1 with rescale and a window on the rescaled values, no suffix (found by its DICM
+    # magic): inverted, low values bright.
+    g1 = _grey(load_image(_write_dicom(tmp_path / "b", ramp, "MONOCHROME1", RescaleSlope=2, RescaleIntercept=-1000,
+                                       WindowCenter=0, WindowWidth=1000)))[0]
+    assert g1[0] == 255 and g1[25] == 255 and g1[75] == 0 and g1[-1] == 0 and abs(int(g1[50]) - 128) <= 2
+    assert np.all(np.diff(g1.astype(int)) <= 0)
     g3 = _grey(load_image(_write_dicom(tmp_path / "c.dcm", ramp, "MONOCHROME1", RescaleSlope=2,
                                        RescaleIntercept=-1000)))[0]
     assert g3[0] == 255 and g3[-1] == 0
@@ -491,7 +497,8 @@ def test_build_transforms_contracts():
     evaluate = build_transforms(cfg, train=False, mean=mean, std=std)
     a, b = evaluate(img), evaluate(img)
     assert a.dtype == torch.float32 and a.shape == (3, 64, 64) and torch.equal(a, b)
-    manual = (img.float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    ruled = torch.from_numpy(standardize_intensity(img[0].numpy())).expand(3, -1, -1)  # the intensity rule again
+    manual = (ruled.float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     assert torch.allclose(a, manual, atol=1e-5)
     train = build_transforms(cfg, train=True, mean=mean, std=std)
     torch.manual_seed(0)
@@ -502,6 +509,9 @@ def test_build_transforms_contracts():
     assert "Flip" not in names and "Crop" not in names
     no_aug = build_transforms(cfg.replace(augment=False), train=True, mean=0.5, std=0.25)
     assert torch.equal(no_aug(img), no_aug(img))
+    acq = build_transforms(cfg.replace(acquisition_aug=1.0), train=True, mean=mean, std=std)
+    assert "RandomAcquisition" in " ".join(type(t).__name__ for t in acq.transforms)
+    assert acq(img).shape == (3, 64, 64)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,6 +63,21 @@ def test_short_run_writes_every_file(tiny_data, tmp_path):
     assert any(t.startswith("lr-") for t in tags["scalars"])
     assert any(t.startswith("gradients/") for t in tags["histograms"])
     assert {"inputs", "feature_maps", "attention_last_layer"} <= set(tags["images"])
+    # every history row belongs to its epoch: the same numbers TensorBoard has for that epoch
+    import csv
+
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    for tag in ("train_loss", "train_acc", "val_loss", "val_auc"):
+        scalars = acc.Scalars(tag)
+        assert len(scalars) == len(rows) == 2, tag
+        for row, ev in zip(rows, scalars):
+            assert float(row[tag]) == pytest.approx(ev.value, rel=1e-4, abs=1e-5), (tag, row["epoch"])
+    # after training: shift-robust threshold, TTA threshold and the guard stored in best.ckpt
+    extra = meta.extra
+    assert extra["threshold_rule"] == "shift_robust" and 0 < extra["tta_threshold"] < 1
+    assert extra["guard"]["threshold"] > 0 and "validation_shift_suite" in extra
+    suite = json.loads((out / "validation_shift_suite.json").read_text())
+    assert len(suite["rows"]) == 25 and suite["threshold"] == pytest.approx(meta.threshold)
     # results of the test split
     assert (out / "results" / "metrics.json").is_file()
     # a second run into the same folder does not overwrite it
@@ -75,6 +91,7 @@ def test_missing_data_folder_explains_the_layout(tmp_path):
     with pytest.raises(DatasetLayoutError) as err:
         train(_cfg(tmp_path / "nowhere", tmp_path / "run"))
     assert "train/" in str(err.value) and "Kermany" in str(err.value)
+    assert str(err.value).count("expected layout") == 1  # the layout once, not twice
 
 
 def test_cached_and_uncached_frozen_paths_give_the_same_features(tiny_data):
@@ -159,9 +176,64 @@ def test_two_process_ddp_ranks_agree(tiny_data, tmp_path):
     assert proc.returncode == 0, log[-3000:]
     check = json.loads((out / "ddp_check.json").read_text())
     assert check["world_size"] == 2 and check["agree"] is True
+    assert check["process_group_alive"] is True  # checked before the group is torn down
     assert len(set(check["checksums"])) == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
+
+
+def test_two_process_ddp_builds_the_feature_cache_on_each_rank(tiny_data, tmp_path):
+    out = tmp_path / "ddp_cache"
+    args = _train_args(tiny_data, out, 1) + ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+                                              "--freeze-cnn", "true", "--cache-views", "1"]
+    proc = _cli(*args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = proc.communicate(timeout=600)[0].decode()
+    assert proc.returncode == 0, log[-3000:]
+    check = json.loads((out / "ddp_check.json").read_text())
+    assert check["agree"] is True and check["feature_cache_device"] == "cpu"
+    assert log.count("fast frozen path") == 2  # once per rank, inside setup()
+
+
+def _kermany_folder(root, names):
+    from PIL import Image
+
+    rng = np.random.default_rng(len(names))
+    for rel in names:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(path)
+    return root
+
+
+def _names(split, n, start=0):
+    return ([f"{split}/NORMAL/IM-{start + k:04d}-0001.png" for k in range(n)]
+            + [f"{split}/PNEUMONIA/person{start + k}_bacteria_{k}.png" for k in range(n)])
+
+
+def test_too_small_val_folder_is_set_aside_for_the_patient_split(tmp_path, caplog):
+    root = _kermany_folder(tmp_path / "d", _names("train", 30) + _names("val", 8, start=100))
+    dm = XrayDataModule(_cfg(root, tmp_path / "o"))
+    with caplog.at_level("WARNING", logger="chexformer"):
+        dm.scan()
+    assert dm.val_source.startswith("split") and "too few images" in caplog.text
+    assert not any("/val/" in str(s.path) for s in dm.train_samples + dm.val_samples)
+    assert 8 <= len(dm.val_samples) <= 16  # 20 % of 60 training images, by patient
+    big = _kermany_folder(tmp_path / "e", _names("train", 30) + _names("val", 30, start=100))
+    dm = XrayDataModule(_cfg(big, tmp_path / "o"))
+    dm.scan()
+    assert dm.val_source == "folder" and len(dm.val_samples) == 60
+
+
+def test_patient_in_train_and_test_is_an_error_unless_allowed(tmp_path):
+    from chexformer.data import PatientOverlapError
+
+    root = _kermany_folder(tmp_path / "d", _names("train", 10) + ["test/PNEUMONIA/person3_virus_99.png",
+                                                                   "test/NORMAL/IM-0500-0001.png"])
+    with pytest.raises(PatientOverlapError, match="person3"):
+        XrayDataModule(_cfg(root, tmp_path / "o")).scan()
+    dm = XrayDataModule(_cfg(root, tmp_path / "o", allow_patient_overlap=True))
+    dm.scan()
+    assert dm.summary()["shared_patients"] == {"train/test": ["person3"]}
 
 
 KERMANY = SHARED_DATA / "kermany224" / "train"

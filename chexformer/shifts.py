@@ -1,0 +1,191 @@
+"""Acquisition shifts: what changes between scanners, periods and hospitals, as image operations.
+
+One set of operations serves two purposes:
+
+* **training augmentation** (:class:`RandomAcquisition`): random resolution loss, blur, noise,
+  contrast curve (gamma) and JPEG compression, so the model cannot lean on how an image was
+  acquired (in the Kermany training set NORMAL images are measurably sharper than PNEUMONIA ones);
+* **the robustness suite** (:data:`SHIFT_SUITE`, used by ``chexformer evaluate --shift-suite``):
+  each shift at three fixed severities, re-scored at the stored threshold, as the project's own
+  proxy for "new hospital, new period".
+
+Every operation takes and returns a uint8 image tensor ``(C, H, W)`` and keeps its size. After
+any of them the model input passes through the intensity rule again
+(:func:`standardize_tensor`), exactly as a file with those properties would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
+
+from chexformer.data import INTENSITY_PERCENTILES
+
+__all__ = [
+    "SHIFT_SUITE",
+    "RandomAcquisition",
+    "Shift",
+    "apply_shift",
+    "blur",
+    "border",
+    "crop",
+    "downscale",
+    "gamma",
+    "jpeg",
+    "noise",
+    "standardize_tensor",
+]
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().unsqueeze(0)  # (1, C, H, W)
+
+
+def _uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.squeeze(0).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def downscale(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """Resolution loss: shrink by ``factor`` (antialiased) and enlarge back (bilinear)."""
+    if factor <= 1:
+        return x
+    h, w = x.shape[-2:]
+    small = F.interpolate(_float(x), size=(max(1, round(h / factor)), max(1, round(w / factor))),
+                          mode="bilinear", antialias=True, align_corners=False)
+    return _uint8(F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False))
+
+
+def blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur; ``sigma`` in pixels of a 224 px image (scaled to the image's size)."""
+    sigma = sigma * x.shape[-1] / 224
+    if sigma <= 0.05:
+        return x
+    k = 2 * math.ceil(3 * sigma) + 1
+    return TF.gaussian_blur(x, kernel_size=[k, k], sigma=[sigma, sigma])
+
+
+def noise(x: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Additive Gaussian noise of ``std`` grey levels (of 255)."""
+    if std <= 0:
+        return x
+    n = torch.randn(x.shape[-2:], generator=generator) * std  # same noise in every channel (grey)
+    return _uint8(_float(x) + n)
+
+
+def gamma(x: torch.Tensor, g: float) -> torch.Tensor:
+    """Contrast curve ``out = in ** g`` on 0..1 (g > 1 darkens mid-tones, g < 1 brightens)."""
+    return x if g == 1 else TF.adjust_gamma(x, g)
+
+
+def jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """JPEG compression at ``quality`` (1..100)."""
+    return x if quality >= 100 else TF.jpeg(x, int(quality))
+
+
+def crop(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Tighter field of view: cut ``fraction`` of the side from every edge, enlarge back."""
+    h, w = x.shape[-2:]
+    dy, dx = round(h * fraction), round(w * fraction)
+    if dy == 0 and dx == 0:
+        return x
+    inner = _float(x)[..., dy:h - dy, dx:w - dx]
+    return _uint8(F.interpolate(inner, size=(h, w), mode="bilinear", align_corners=False))
+
+
+def border(x: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Wider field of view with a black collimation border: shrink the image by ``2 * fraction``
+    of its side and pad it back with black."""
+    h, w = x.shape[-2:]
+    dy, dx = round(h * fraction), round(w * fraction)
+    if dy == 0 and dx == 0:
+        return x
+    inner = F.interpolate(_float(x), size=(h - 2 * dy, w - 2 * dx), mode="bilinear", antialias=True,
+                          align_corners=False)
+    return _uint8(F.pad(inner, (dx, dx, dy, dy), value=0.0))
+
+
+def standardize_tensor(x: torch.Tensor, percentiles: tuple[float, float] = INTENSITY_PERCENTILES) -> torch.Tensor:
+    """The intensity rule on a uint8 tensor (C, H, W) of grey (R = G = B) pixels: the image's own
+    percentiles -> 0..255 (see :func:`chexformer.data.standardize_intensity`)."""
+    v = x[0].flatten().float()
+    q = torch.quantile(v, torch.tensor([p / 100 for p in percentiles]))
+    lo, hi = float(q[0]), float(q[1])
+    if hi <= lo:
+        lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return torch.zeros_like(x)
+    return ((x.float() - lo) * (255.0 / (hi - lo))).round_().clamp_(0, 255).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# The robustness suite
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shift:
+    """One acquisition shift with its three severities (mild, moderate, severe)."""
+
+    name: str
+    severities: tuple[float, float, float]
+    op: Callable[..., torch.Tensor]
+    unit: str
+
+
+SHIFT_SUITE: tuple[Shift, ...] = (
+    Shift("resolution", (1.5, 2.5, 4.0), downscale, "down- then up-scaling factor"),
+    Shift("blur", (0.6, 1.2, 2.0), blur, "Gaussian sigma, px at 224"),
+    Shift("noise", (3.0, 6.0, 12.0), noise, "Gaussian std, grey levels"),
+    Shift("gamma_dark", (1.3, 1.6, 2.0), gamma, "gamma > 1"),
+    Shift("gamma_bright", (0.8, 0.65, 0.5), gamma, "gamma < 1"),
+    Shift("jpeg", (50, 25, 10), jpeg, "JPEG quality"),
+    Shift("crop", (0.04, 0.08, 0.12), crop, "fraction cut per edge"),
+    Shift("border", (0.04, 0.08, 0.12), border, "black border per edge"),
+)
+"""Each shift at three severities: 24 shifted copies of a labelled set (see ``--shift-suite``)."""
+
+
+def apply_shift(x: torch.Tensor, shift: Shift, severity: float,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x`` under ``shift`` at ``severity``, then the intensity rule again."""
+    out = shift.op(x, severity, generator) if shift.op is noise else shift.op(x, severity)
+    return standardize_tensor(out)
+
+
+class RandomAcquisition(torch.nn.Module):
+    """Training augmentation: each acquisition change applied with probability ``p`` at a random
+    strength up to ``strength`` times the suite's *moderate* severity, then the intensity rule.
+
+    Resolution loss and blur are drawn together with the sharpness they remove in mind: the
+    classes in the Kermany training set differ in sharpness, and a model should not use it.
+    """
+
+    def __init__(self, p: float = 0.5, strength: float = 1.0) -> None:
+        super().__init__()
+        self.p, self.strength = float(p), float(strength)
+
+    def _coin(self) -> bool:
+        return bool(torch.rand(()) < self.p)
+
+    def _u(self, lo: float, hi: float) -> float:
+        return lo + (hi - lo) * float(torch.rand(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.strength
+        if self._coin():
+            x = downscale(x, self._u(1.0, 1.0 + 1.5 * s))
+        if self._coin():
+            x = blur(x, self._u(0.0, 1.2 * s))
+        if self._coin():
+            x = gamma(x, math.exp(self._u(-1, 1) * math.log(1.6) * s))
+        if self._coin():
+            x = noise(x, self._u(0.0, 6.0 * s))
+        if self._coin():
+            x = jpeg(x, round(self._u(max(5, 100 - 75 * s), 95)))
+        return standardize_tensor(x)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, strength={self.strength}"

@@ -1,0 +1,69 @@
+"""Acquisition shifts, the robustness suite's table and the shift-robust threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from chexformer.data import standardize_intensity
+from chexformer.robustness import robust_threshold, suite_table
+from chexformer.shifts import SHIFT_SUITE, RandomAcquisition, apply_shift, standardize_tensor
+
+
+def _image(size: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    grey = (100 + 60 * torch.sin(xx / 4.0) * torch.cos(yy / 5.0) + 10 * torch.randn(size, size, generator=g))
+    return grey.clamp(0, 255).round().to(torch.uint8).expand(3, -1, -1).contiguous()
+
+
+@pytest.mark.parametrize("shift", SHIFT_SUITE, ids=lambda s: s.name)
+def test_every_shift_keeps_shape_and_grows_with_severity(shift):
+    x = _image(224)
+    ref = standardize_tensor(x).float()
+    dist = []
+    for severity in shift.severities:
+        out = apply_shift(x, shift, severity, torch.Generator().manual_seed(1))
+        assert out.dtype == torch.uint8 and out.shape == x.shape
+        assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])  # stays grey
+        dist.append(float((out.float() - ref).abs().mean()))
+    assert dist[0] > 0 and dist[0] <= dist[1] * 1.05 and dist[1] <= dist[2] * 1.05, dist
+
+
+def test_standardize_tensor_matches_the_file_rule_and_is_idempotent():
+    x = _image()
+    ruled = standardize_tensor(x)
+    assert torch.equal(ruled[0], torch.from_numpy(standardize_intensity(x[0].numpy())))
+    assert torch.equal(standardize_tensor(ruled), ruled)
+
+
+def test_random_acquisition_varies_and_keeps_contract():
+    torch.manual_seed(0)
+    aug = RandomAcquisition(p=1.0)
+    outs = [aug(_image()) for _ in range(3)]
+    assert all(o.dtype == torch.uint8 and o.shape == (3, 64, 64) for o in outs)
+    assert not torch.equal(outs[0], outs[1])
+
+
+def test_suite_table_mean_worst_and_threshold():
+    y = np.array([0] * 50 + [1] * 50)
+    clean = np.r_[np.linspace(0.0, 0.4, 50), np.linspace(0.6, 1.0, 50)]
+    shifted = np.clip(clean + 0.3, 0, 1)  # negatives above 0.2 -> false positives at 0.5
+    table = suite_table(y, {"clean": clean, "blur/mild": shifted, "noise/mild": clean}, 0.5)
+    assert table["rows"]["clean"]["specificity"] == 1.0
+    assert table["rows"]["blur/mild"]["specificity"] < 1.0
+    assert table["worst"]["specificity"] == table["rows"]["blur/mild"]["specificity"]
+    assert table["worst_shift"]["specificity"] == "blur/mild"
+    assert abs(table["mean"]["specificity"] - (1.0 + table["rows"]["blur/mild"]["specificity"]) / 2) < 1e-12
+
+
+def test_robust_threshold_moves_with_the_shifted_copies_and_is_stable():
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 200 + [1] * 200)
+    clean = np.r_[rng.uniform(0.0, 0.3, 200), rng.uniform(0.7, 1.0, 200)]  # separable: flat J on 0.3..0.7
+    t_clean = robust_threshold(y, {"clean": clean})
+    assert 0.3 <= t_clean <= 0.7 and abs(t_clean - 0.5) < 0.02  # middle of the flat top, not its edge
+    shifted = np.r_[rng.uniform(0.2, 0.65, 200), rng.uniform(0.7, 1.0, 200)]  # negatives drift up
+    t_shift = robust_threshold(y, {"clean": clean, "s": shifted})
+    assert t_shift > 0.65  # above where the shifted negatives now sit
