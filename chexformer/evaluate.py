@@ -60,6 +60,7 @@ def evaluate_checkpoint(
     strict: bool = False,
     batch_size: int = 32,
     n_explain: int = 2,
+    n_errors: int = 12,
     device: str = "auto",
     precision: str = "auto",
     backend: str = "auto",
@@ -123,6 +124,9 @@ def evaluate_checkpoint(
                 "behaviour on such data.")
     if meta.extra.get("data", {}).get("synthetic") or "demo-data" in str(data_dir):
         warnings.append("This is the synthetic demo data set: a pipeline check, not a medical result.")
+    if binary:
+        results["ece_uncalibrated"] = metrics.expected_calibration_error(y, 1 / (1 + np.exp(-lg[:, 0])))
+        results["threshold_table"] = threshold_table(y, prob, threshold)
     results["threshold_source"] = threshold_source
     results["temperature"] = meta.temperature
     results["calibration_bias"] = meta.bias
@@ -151,7 +155,6 @@ def evaluate_checkpoint(
             figs["pr"] = plots.plot_pr(y, prob, plot_dir / "pr.png", ap=at["pr_auc"]["value"],
                                        ap_ci=at["pr_auc"]["ci95"])
         raw = 1 / (1 + np.exp(-lg[:, 0]))  # before Platt scaling
-        results["ece_uncalibrated"] = metrics.expected_calibration_error(y, raw)
         figs["reliability_uncalibrated"] = plots.plot_reliability(
             y, raw, plot_dir / "reliability_uncalibrated.png", ece=results["ece_uncalibrated"],
             title="Reliability before calibration (sigmoid of raw logits)")
@@ -161,6 +164,8 @@ def evaluate_checkpoint(
         figs["confusion_matrix"] = plots.plot_confusion_matrix(
             results["confusion_matrix"], meta.class_names, plot_dir / "confusion_matrix.png")
     figs.update(_explanation_plots(model, meta, dataset, keep, y, prob, plot_dir, n_explain))
+    errors = _error_review(predictor, [samples[i] for i in keep], y, prob, threshold, out / "errors",
+                           n_errors) if binary else []
 
     summary = dict(data_summary or meta.extra.get("data") or {})
     summary.setdefault("splits", {})
@@ -172,11 +177,68 @@ def evaluate_checkpoint(
              ] if binary else []
     if cfg.backbone_weights != "file" or not Path(cfg.pretrained_path).is_file():
         notes.append(f"Backbone initialisation: {cfg.backbone_weights} (pretrained_path {cfg.pretrained_path}).")
+    from chexformer.card import model_card
+
     report.write_report(out, title=f"chexformer evaluation: {Path(data_dir)}", config=cfg.to_dict(),
-                        data_summary=summary, metrics=results, plots=figs, notes=notes, warnings=warnings)
+                        data_summary=summary, metrics=results, plots=figs, notes=notes, warnings=warnings,
+                        errors=errors, model_card=model_card(predictor, predictor.guard, checkpoint))
     log.info("evaluation of %s on %s (%d images): %s; report %s", checkpoint, data_dir, len(keep),
              _headline(results), out / "report.html")
     return results
+
+
+REVIEW_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def threshold_table(y: np.ndarray, prob: np.ndarray, chosen: float) -> list[dict[str, Any]]:
+    """Sensitivity, specificity, PPV and NPV at several thresholds and at the chosen one (marked)."""
+    y = np.asarray(y).astype(bool)
+    rows = []
+    for t in sorted({*REVIEW_THRESHOLDS, round(float(chosen), 6)}):
+        pred = prob >= t
+        tp, fp = int((pred & y).sum()), int((pred & ~y).sum())
+        fn, tn = int((~pred & y).sum()), int((~pred & ~y).sum())
+        rows.append({"threshold": t, "chosen": abs(t - chosen) < 1e-6,
+                     "sensitivity": tp / (tp + fn) if tp + fn else None,
+                     "specificity": tn / (tn + fp) if tn + fp else None,
+                     "ppv": tp / (tp + fp) if tp + fp else None, "npv": tn / (tn + fn) if tn + fn else None,
+                     "tp": tp, "fp": fp, "fn": fn, "tn": tn})
+    return rows
+
+
+def _error_review(predictor: Predictor, samples, y: np.ndarray, prob: np.ndarray, threshold: float, out: Path,
+                  limit: int) -> list[dict[str, Any]]:
+    """Every false negative and false positive (up to ``limit`` each, most confident first) with its
+    Grad-CAM overlay on the original image (``out/*.png``) and the raw map (``out/*.npy``)."""
+    from PIL import Image
+
+    from chexformer import plots
+    from chexformer.explain import explain_batch
+
+    names = predictor.meta.class_names
+    pred = prob >= threshold
+    fn = [i for i in np.argsort(prob) if y[i] == 1 and not pred[i]][:limit]  # lowest P first
+    fp = [i for i in np.argsort(-prob) if y[i] == 0 and pred[i]][:limit]  # highest P first
+    if not fn and not fp:
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for kind, picks in (("false negative", fn), ("false positive", fp)):
+        for rank, i in enumerate(picks):
+            s = samples[i]
+            img = predictor.load(s.path)
+            res = explain_batch(predictor.model, predictor.to_input([img]).to(predictor.device), predictor.meta)
+            cam = res["gradcam"][0].float().cpu().numpy()
+            original = data.load_image(s.path)
+            original.thumbnail((512, 512))
+            stem = f"{kind.split()[1][:3]}_{rank:02d}_{Path(s.path).stem}"
+            np.save(out / f"{stem}_gradcam.npy", cam.astype(np.float32))
+            overlay = plots.overlay_heatmap(np.asarray(original), cam, alpha=0.4)
+            png = out / f"{stem}.png"
+            Image.fromarray((overlay * 255).round().astype(np.uint8)).save(png)
+            rows.append({"kind": kind, "path": str(s.path), "patient": s.group, "true_label": names[int(y[i])],
+                         "probability": float(prob[i]), "threshold": float(threshold), "png": str(png)})
+    return rows
 
 
 def _headline(results: dict[str, Any]) -> str:

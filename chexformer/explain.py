@@ -294,18 +294,22 @@ def heatmap_mass_in_mask(heatmap: Tensor, mask: Tensor, mode: str = "bilinear") 
 # ----------------------------------------------------------------------------------------------
 # Files in, one panel per image out (``chexformer explain``)
 # ----------------------------------------------------------------------------------------------
-def explain_files(checkpoint, images: Sequence, out_dir, k: int = 6, device: str = "auto") -> list[dict[str, Any]]:
-    """For each image file: input, attention rollout and Grad-CAM overlays, the most active
-    feature maps and the calibrated prediction in one PNG; a row per image in ``explain.csv``
-    (predict's schema plus ``panel``).
+def explain_files(checkpoint, images: Sequence, out_dir, k: int = 6, device: str = "auto",
+                  common_scale: bool = False, max_side: int = 1024) -> list[dict[str, Any]]:
+    """For each image file: the original image (at up to ``max_side`` px) with attention rollout
+    and Grad-CAM overlays, the most active feature maps and the calibrated prediction in one PNG;
+    the raw heatmaps (model resolution, float32) next to it as ``.npy``; a row per image in
+    ``explain.csv`` (predict's schema plus ``panel``).
 
-    The heatmaps show the evidence for the positive class (binary) or the predicted class."""
+    The heatmaps show the evidence for the positive class (binary) or the predicted class. With
+    ``common_scale`` every image's maps share one scale (the largest value of each map kind over
+    all images), so a faint map stays faint; otherwise each map is stretched to 0..1 on its own."""
     import csv
     import logging
     from pathlib import Path
 
     from chexformer import plots
-    from chexformer.data import ImageReadError
+    from chexformer.data import ImageReadError, load_image
     from chexformer.inference import Prediction, Predictor
     from chexformer.predict import collect_images, prediction_columns, prediction_row
 
@@ -315,15 +319,15 @@ def explain_files(checkpoint, images: Sequence, out_dir, k: int = 6, device: str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
-    for n, path in enumerate(collect_images(images)):
+    done: list[tuple[int, Path, Any, dict, Tensor, str]] = []
+    for path in collect_images(images):
         try:
             img = predictor.load(path)
         except ImageReadError as exc:
             log.warning("cannot explain %s: %s", path, exc.reason)
             rows.append(prediction_row(Prediction(str(path), error=exc.reason), meta.class_names))
             continue
-        x = predictor.to_input([img]).to(predictor.device)
-        res = explain_batch(model, x, meta)
+        res = explain_batch(model, predictor.to_input([img]).to(predictor.device), meta)
         probs = res["probs"][0].float().cpu()
         if probs.numel() == 1:
             p = float(probs)
@@ -338,14 +342,25 @@ def explain_files(checkpoint, images: Sequence, out_dir, k: int = 6, device: str
             title = f"{path.name}: {label} (P = {float(probs[c]):.3f}); heatmaps: evidence for {label}"
         heat = {}
         if res["rollout"] is not None:
-            heat["attention rollout"] = res["rollout"][0].cpu().numpy()
-        heat["Grad-CAM (denseblock4)"] = res["gradcam"][0].cpu().numpy()
+            heat["attention rollout"] = res["rollout"][0].float().cpu().numpy()
+        heat["Grad-CAM (denseblock4)"] = res["gradcam"][0].float().cpu().numpy()
+        rows.append(prediction_row(pred, meta.class_names))
+        done.append((len(rows) - 1, path, heat, res, res["feats"][0].float().cpu(), title))
+    vmax = None
+    if common_scale and done:
+        vmax = {name: max(float(h[name].max()) for _, _, h, _, _, _ in done) for name in done[0][2]}
+    for n, (row_index, path, heat, _res, feats, title) in enumerate(done):
+        original = load_image(path)  # the intensity rule at full resolution
+        original.thumbnail((max_side, max_side))
         png = out / f"{n:03d}_{path.stem}.png"
-        plots.plot_explanation(img.permute(1, 2, 0).numpy(), heat, res["feats"][0].float().cpu(), png, title, k=k)
-        rows.append({**prediction_row(pred, meta.class_names), "panel": str(png)})
+        for name, hm in heat.items():
+            np.save(out / f"{n:03d}_{path.stem}_{'rollout' if 'rollout' in name else 'gradcam'}.npy",
+                    hm.astype(np.float32))
+        plots.plot_explanation(np.asarray(original), heat, feats, png, title, k=k, vmax=vmax)
+        rows[row_index]["panel"] = str(png)
     with (out / "explain.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=prediction_columns(meta.class_names, ["panel"]))
         writer.writeheader()
         writer.writerows(rows)
-    log.info("explained %d images into %s", sum(bool(r.get("panel")) for r in rows), out)
+    log.info("explained %d images into %s%s", len(done), out, " (common heatmap scale)" if vmax else "")
     return rows

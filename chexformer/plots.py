@@ -4,9 +4,11 @@ Every ``plot_*`` function takes plain arrays (numpy or torch), writes one PNG an
 path. Figures are built on :class:`matplotlib.figure.Figure` directly, never through ``pyplot``,
 so nothing here touches the global backend or leaves figures open, and the module works headless.
 
-Heatmaps use the ``"jet"`` colormap by default: red/yellow = high (most attention, strongest
-activation), dark blue = low. Each map is min-max normalised to 0..1 on its own, so colours
-compare regions *within* one map, not magnitudes across maps.
+Heatmaps use the perceptually uniform ``"inferno"`` colormap: bright yellow = high (most attention,
+strongest evidence), black/purple = low; its lightness rises monotonically, so it reads correctly
+in grey and for colour-blind viewers (jet does neither). By default each map is min-max normalised
+to 0..1 on its own (colours compare regions *within* a map); with ``vmax`` the map is divided by a
+common scale instead, so a faint map stays faint next to a strong one.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 DPI = 130
-HEATMAP_CMAP = "jet"
+HEATMAP_CMAP = "inferno"
 _HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "train_acc", "val_acc", "train_auc", "val_auc", "lr")
 
 
@@ -163,16 +165,22 @@ def denormalize(x: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
     return np.clip(x * s + m, 0.0, 1.0)
 
 
-def overlay_heatmap(image: Any, heatmap: Any, alpha: float = 0.45, cmap: str = HEATMAP_CMAP) -> np.ndarray:
-    """The heatmap, min-max normalised to 0..1, bilinearly upsampled to the image size, coloured
-    with ``cmap`` (jet: red = high) and alpha-blended onto the image. Returns (H, W, 3) floats in
-    [0, 1]. ``image`` may be grey or RGB, uint8 or float in [0, 1], channels first or last."""
+def overlay_heatmap(image: Any, heatmap: Any, alpha: float = 0.45, cmap: str = HEATMAP_CMAP,
+                    vmax: float | None = None) -> np.ndarray:
+    """The heatmap bilinearly upsampled to the image size, coloured with ``cmap`` (inferno:
+    bright = high) and alpha-blended onto the image. Without ``vmax`` the map is min-max
+    normalised to 0..1 on its own; with ``vmax`` it is divided by that common scale (clipped to
+    0..1), so maps of several images compare. Returns (H, W, 3) floats in [0, 1]. ``image`` may
+    be grey or RGB, uint8 or float in [0, 1], channels first or last, at any resolution."""
     img = _as_rgb(image)
     hm = _np(heatmap, dtype=np.float64)
     hm = np.squeeze(hm)
     if hm.ndim != 2:
         raise ValueError(f"heatmap must be 2-D (h, w), got shape {hm.shape}")
-    hm = _normalise01(_resize(_normalise01(hm), img.shape[:2]))
+    if vmax is None:
+        hm = _normalise01(_resize(_normalise01(hm), img.shape[:2]))
+    else:
+        hm = np.clip(_resize(hm, img.shape[:2]) / max(float(vmax), 1e-12), 0.0, 1.0)
     coloured = colormaps[cmap](hm)[..., :3]
     return np.clip((1 - alpha) * img + alpha * coloured, 0.0, 1.0)
 
@@ -492,7 +500,7 @@ def plot_attention_maps(
             name = f"layer {li + 1} head {hi + 1}" if hi < heads else f"layer {li + 1} mean"
             _image_axis(ax, name, fontsize=8)
     _heatmap_colorbar(fig, axes.ravel().tolist(), cmap, "attention (per map, 0-1)")
-    fig.suptitle(f"{title} to the {gh}x{gw} image grid (red = high)")
+    fig.suptitle(f"{title} to the {gh}x{gw} image grid (bright = high)")
     return _save(fig, out)
 
 
@@ -505,7 +513,7 @@ def plot_heatmap_panel(
     cmap: str = HEATMAP_CMAP,
 ) -> Path:
     """The input next to each named heatmap (e.g. Grad-CAM, attention rollout) overlaid on it,
-    with a shared 0-1 colorbar (``cmap``: red = high)."""
+    with a shared 0-1 colorbar (``cmap``: bright = high)."""
     img = _as_rgb(image)
     n = len(heatmaps) + 1
     fig = _new_figure(3.0 * n + 0.9, 3.6)
@@ -585,9 +593,11 @@ def plot_explanation(
     k: int = 6,
     alpha: float = 0.45,
     cmap: str = HEATMAP_CMAP,
+    vmax: Mapping[str, float] | None = None,
 ) -> Path:
     """One panel per image: the input and each heatmap overlay on top, the ``k`` most active
-    backbone channels below, the prediction in the title (``cmap``: red = high)."""
+    backbone channels below, the prediction in the title (``cmap``: bright = high). ``vmax``:
+    a common scale per heatmap name (see :func:`overlay_heatmap`); default per-map 0..1."""
     img = _as_rgb(image)
     f = _np(feats, np.float32)
     order = np.argsort(-f.mean(axis=(1, 2)))[:k]
@@ -599,8 +609,8 @@ def plot_explanation(
     top_axes[0].imshow(img)
     _image_axis(top_axes[0], "input", fontsize=11)
     for ax, (name, hm) in zip(top_axes[1:], heatmaps.items()):
-        ax.imshow(overlay_heatmap(img, hm, alpha=alpha, cmap=cmap))
-        _image_axis(ax, str(name), fontsize=11)
+        ax.imshow(overlay_heatmap(img, hm, alpha=alpha, cmap=cmap, vmax=(vmax or {}).get(name)))
+        _image_axis(ax, str(name) + (" (common scale)" if vmax and name in vmax else ""), fontsize=11)
     span_b = max(n_top, k) * 2 // k
     for j, c in enumerate(order):
         ax = fig.add_subplot(grid[1, j * span_b:(j + 1) * span_b])

@@ -54,11 +54,11 @@ PLOT_CAPTIONS: dict[str, str] = {
     "frequency against predicted probability (diagonal = perfectly calibrated), with the distribution of "
     "predictions underneath.",
     "inputs": "Model inputs as the network sees them (resized; normalisation undone for display).",
-    "feature_maps": "Most active DenseNet feature channels, upsampled onto the image (red = strong).",
-    "attention": "Class-token attention per encoder layer and head, overlaid on the image (red = high).",
-    "attention_maps": "Class-token attention per encoder layer and head, overlaid on the image (red = high).",
-    "gradcam": "Grad-CAM heatmaps (red = regions that raised the predicted class score most).",
-    "heatmaps": "Explanation heatmaps overlaid on the images (red = high).",
+    "feature_maps": "Most active DenseNet feature channels, upsampled onto the image (bright = strong).",
+    "attention": "Class-token attention per encoder layer and head, overlaid on the image (bright = high).",
+    "attention_maps": "Class-token attention per encoder layer and head, overlaid on the image (bright = high).",
+    "gradcam": "Grad-CAM heatmaps (bright = regions that raised the predicted class score most).",
+    "heatmaps": "Explanation heatmaps overlaid on the images (bright = high).",
 }
 
 _MIME = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
@@ -87,6 +87,10 @@ td.na { color: var(--muted); font-style: italic; text-align: right; }
 .note { background: #fff8e1; border-left: 4px solid #e0a800; padding: 10px 14px; margin: 12px 0; }
 .warning { background: #fdecea; border-left: 6px solid #c62828; padding: 10px 14px; margin: 12px 0; font-size: 1.05em; }
 .note ul { margin: 0; padding-left: 20px; }
+.errgrid { display: flex; flex-wrap: wrap; gap: 10px; }
+figure.err { width: 240px; margin: 0; font-size: 0.85em; }
+figure.err img { width: 240px; }
+tr.chosen td { font-weight: bold; background: #eef5ff; }
 .small { font-size: 0.88rem; color: var(--muted); }
 figure { margin: 20px 0 28px; }
 figure img { max-width: 100%; height: auto; border: 1px solid var(--line); display: block; }
@@ -374,6 +378,57 @@ def _config_section(config: Mapping[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
+def _threshold_table_section(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Sensitivity, specificity, PPV and NPV at several thresholds; the chosen one in bold."""
+    body = "".join(
+        ("<tr class=\"chosen\">" if r.get("chosen") else "<tr>")
+        + f"<td>{_fmt(r['threshold'], 4)}{' (chosen)' if r.get('chosen') else ''}</td>"
+        + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in ("sensitivity", "specificity", "ppv", "npv"))
+        + "".join(f"<td>{_fmt(r.get(k))}</td>" for k in ("tp", "fp", "fn", "tn")) + "</tr>"
+        for r in rows)
+    return ("<section><h2>Operating points</h2><p>What other thresholds would have given on these images "
+            "(PPV and NPV depend on this set's prevalence).</p><table><thead><tr><th>threshold</th>"
+            "<th>sensitivity</th><th>specificity</th><th>PPV</th><th>NPV</th><th>TP</th><th>FP</th><th>FN</th>"
+            f"<th>TN</th></tr></thead><tbody>{body}</tbody></table></section>")
+
+
+def _errors_section(errors: Sequence[Mapping[str, Any]]) -> str:
+    """Every reviewed error with its Grad-CAM overlay (evidence for the positive class)."""
+    parts = []
+    for kind in ("false negative", "false positive"):
+        items = [e for e in errors if e.get("kind") == kind]
+        if not items:
+            continue
+        cells = "".join(
+            f'<figure class="err">{_img_tag(Path(e["png"]), kind)}<figcaption>{_e(Path(e["path"]).name)}<br>'
+            f'true {_e(e["true_label"])}, P = {_fmt(e["probability"])} (threshold {_fmt(e["threshold"], 4)})'
+            "</figcaption></figure>"
+            for e in items)
+        parts.append(f"<h3>{_e(kind.capitalize())}s ({len(items)}, most confident first)</h3>"
+                     f'<div class="errgrid">{cells}</div>')
+    return ("<section><h2>Errors to review</h2><p>Each image with its Grad-CAM overlay (bright = evidence "
+            "for the positive class), on the original image. Raw maps are saved as .npy beside the PNGs.</p>"
+            + "".join(parts) + "</section>")
+
+
+def _model_card_section(card: Mapping[str, Any]) -> str:
+    val = card.get("validation") or {}
+    op = val.get("operating_point") or {}
+    data = card.get("training_data") or {}
+    splits = "".join(f"<li>{_e(k)}: {_e(v.get('images'))} images, {_e(v.get('patients'))} patients "
+                     f"({_e(', '.join(f'{c} {n}' for c, n in (v.get('per_class') or {}).items()))})</li>"
+                     for k, v in (data.get("splits") or {}).items())
+    limits = "".join(f"<li>{_e(x)}</li>" for x in card.get("limitations", []))
+    return ("<section><h2>Model card</h2>"
+            f"<p><strong>{_e(card.get('limitations', [''])[0])}</strong></p>"
+            f"<p><strong>Intended use.</strong> {_e(card.get('intended_use'))}</p>"
+            f"<p><strong>Training data.</strong></p><ul>{splits}</ul>"
+            f"<p><strong>Validation.</strong> ROC AUC {_fmt(val.get('roc_auc'))}; at the stored threshold "
+            f"{_fmt(op.get('threshold'), 4)} ({_e(op.get('threshold_rule'))}): sensitivity "
+            f"{_fmt(op.get('sensitivity'))}, specificity {_fmt(op.get('specificity'))}.</p>"
+            f"<ul>{limits}</ul></section>")
+
+
 def _shift_suite_section(table: Mapping[str, Any]) -> str:
     """The robustness suite: AUC, sensitivity, specificity per acquisition shift, mean and worst."""
     rows = list(table.get("rows", {}).items()) + [("mean over shifts", table.get("mean", {})),
@@ -400,6 +455,8 @@ def write_report(
     plots: Mapping[str, str | Path | Sequence[str | Path]],
     notes: Sequence[str] = (),
     warnings: Sequence[str] = (),
+    errors: Sequence[Mapping[str, Any]] = (),
+    model_card: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write ``out_dir/report.html`` and return its path.
 
@@ -424,6 +481,9 @@ def write_report(
         notes: free-text caveats shown prominently under the header.
         warnings: shown first, as a red banner (e.g. a test set largely outside the training
             population, or the synthetic demo data).
+        errors: false negatives and false positives to review (``kind``, ``path``, ``true_label``,
+            ``probability``, ``threshold``, ``png`` with the Grad-CAM overlay), most confident first.
+        model_card: :func:`chexformer.card.model_card`'s dict.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -439,6 +499,9 @@ def write_report(
     warnings_html = "".join(f'<section class="warning" role="alert"><strong>Warning:</strong> {_e(w)}</section>'
                             for w in warnings)
     suite_html = _shift_suite_section(metrics.get("shift_suite")) if metrics.get("shift_suite") else ""
+    table_html = _threshold_table_section(metrics["threshold_table"]) if metrics.get("threshold_table") else ""
+    errors_html = _errors_section(errors) if errors else ""
+    card_html = _model_card_section(model_card) if model_card else ""
     try:
         generator = f"chexformer {version('chexformer')}"
     except PackageNotFoundError:  # running from a source tree that is not installed
@@ -449,8 +512,11 @@ def write_report(
         notes_html,
         f"<section>{_data_section(data_summary or {}, class_names)}</section>",
         f"<section>{metrics_html}</section>",
+        table_html,
         suite_html,
+        errors_html,
         f"<section>{_figures_section(plots or {})}</section>",
+        card_html,
         f"<section>{_config_section(config or {})}</section>",
         f"<footer>Generated by {_e(generator)}. Self-contained page: images are embedded, nothing is loaded "
         "from the network.</footer>",

@@ -141,3 +141,27 @@ def test_jit_backend_matches_eager_fp32(ckpt, tmp_path):
               for _ in range(6)]  # 6 = one full traced batch of 4 and a padded one of 2
     gap = np.abs(fast.predict_images(images) - eager.predict_images(images)).max()
     assert gap <= 1e-3
+
+
+def test_evaluate_report_has_suite_operating_points_errors_and_card(ckpt, tmp_path):
+    data = make_synthetic_dataset(tmp_path / "d", n_per_class=5, img_size=64, seed=4, splits=("test",),
+                                  test_fraction=1.0)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data-dir", str(data / "test"), "--out-dir", str(out),
+                 "--n-boot", "20", "--shift-suite"]) == 0
+    import json
+
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["shift_suite"]["rows"]) == 25 and {"mean", "worst", "worst_shift"} <= set(m["shift_suite"])
+    table = m["threshold_table"]
+    assert sum(r["chosen"] for r in table) == 1 and any(r["threshold"] == 0.5 for r in table)
+    assert all(r["tp"] + r["fn"] == 5 and r["tn"] + r["fp"] == 5 for r in table)
+    html = (out / "report.html").read_text()
+    for section in ("Robustness suite", "Operating points", "Model card", "Not a medical device",
+                    "Reliability before calibration"):
+        assert section in html, section
+    n_errors = sum(r["fn"] + r["fp"] for r in table if r["chosen"])
+    pngs = sorted((out / "errors").glob("*.png")) if n_errors else []
+    assert len(pngs) == min(n_errors, 24) and len(list((out / "errors").glob("*.npy"))) == len(pngs)
+    if n_errors:
+        assert "Errors to review" in html
