@@ -13,7 +13,7 @@ build cancel out. Sections:
 2. training step (forward, BCE, backward, AdamW): eager fp32 NCHW vs channels_last + bf16
    (+ compile).
 3. frozen backbone: an epoch over the same N images without the feature cache (backbone forward
-   every epoch) vs with it (``chexformer.cache.compute_features`` once, then epochs of
+   every epoch) vs with it (``chexformer.data.cache.compute_features`` once, then epochs of
    ``forward_from_features``); steady-state epoch times, the one-off build time, break-even.
 4. transformer share: backbone alone vs transformer + head alone (fast path).
 5. data loading: JPEG decode + resize, augmentation of preloaded uint8 tensors, against the
@@ -444,7 +444,7 @@ class Bench:
 
     # --- 3. frozen backbone: cached vs uncached -------------------------------------------------
     def cached_epoch(self) -> dict[str, Any]:
-        from chexformer.cache import compute_features
+        from chexformer.data.cache import compute_features
         from chexformer.model import build_model
 
         a, dev, dt = self.args, self.device, self.fast_dtype

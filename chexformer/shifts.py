@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from chexformer.data import INTENSITY_PERCENTILES
+from chexformer.data.io import INTENSITY_PERCENTILES
 
 __all__ = [
     "SHIFT_SUITE",

@@ -1,45 +1,37 @@
-"""Chest X-ray folders in, patient-grouped samples and tensors out.
+"""Walk class folders into patient-grouped samples and split them by patient.
 
-The expected layout (see :data:`LAYOUT`) is one sub-folder per class under ``train/``, with
-optional ``test/`` and ``val/`` folders using the same class names. Every stage that could fail on
-real data fails loudly and early, or skips and reports:
+In: a data folder laid out as :data:`LAYOUT` (one sub-folder per class under ``train/``,
+optional ``val/`` and ``test/`` with the same class names). Out: :class:`Sample` lists (path,
+label, patient group, content digest) for :mod:`chexformer.data.datamodule` and evaluation,
+and ``split.csv`` in the run folder.
 
-* :func:`load_image` reads anything Pillow reads (8/16-bit grayscale, palette, alpha, CMYK, ...) and
-  DICOM through pydicom (modality LUT, VOI LUT / window, MONOCHROME1 inversion) and always returns
-  8-bit RGB; every failure is an :class:`ImageReadError` naming the file and the reason.
-* :func:`scan_folder` finds the images, verifies each one in a thread pool, and groups them by
-  patient: the patient id in the file name (Kermany names by default) joined, union-find style,
-  with byte-identical copies of the same file. Unreadable files are skipped and listed, or raise
-  with ``strict=True``; layout mistakes raise :class:`DatasetLayoutError` with the layout diagram.
+* :func:`scan_folder` finds the images, verifies each one in a thread pool (decoding through
+  :mod:`chexformer.data.io`), and groups them by patient: the patient id in the file name (Kermany
+  names by default) joined, union-find style, with byte-identical copies of the same file.
+  Unreadable files are skipped and listed, or raise with ``strict=True``; layout mistakes raise
+  :class:`DatasetLayoutError` with the layout diagram.
 * :func:`split_by_patient` holds out a validation set stratified by class with no patient group on
-  both sides, so images of one patient (Kermany has many) cannot leak from training into validation.
-* :class:`XrayDataset` decodes and resizes once (optionally preloading everything into one uint8
-  tensor) and survives files that vanish after the scan.
-
-Augmentation (:func:`build_transforms`) runs on the resized uint8 tensor and never flips: the heart
-lies on the patient's left, and a mirrored chest is anatomically impossible.
+  both sides, so images of one patient (Kermany has many) cannot leak from training into validation;
+  :func:`shared_patients` finds patients that appear in more than one split anyway.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset
 
 from chexformer.config import DEFAULT_PATIENT_REGEX
+from chexformer.data.io import ImageReadError, decode, has_dicom_magic, read_bytes
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +39,14 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "LAYOUT",
     "DatasetLayoutError",
-    "ImageReadError",
     "PatientOverlapError",
     "Sample",
     "ScanResult",
-    "XrayDataset",
-    "build_transforms",
     "class_counts",
     "describe",
     "find_images",
-    "load_image",
     "patient_id",
-    "resize_image",
     "scan_folder",
-    "standardize_intensity",
     "shared_patients",
     "split_by_patient",
     "write_split_csv",
@@ -73,26 +59,12 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset({
 """Lower-case suffixes scanned as images. Files with no suffix, or a numeric one (DICOM exports
 named by UID, ``1.2.840.113619.2.55.3``), are scanned too when they carry the DICOM magic."""
 
-DICOM_EXTENSIONS = frozenset({".dcm", ".dicom"})
-
 LAYOUT = """expected layout:
   DATA_DIR/
     train/<CLASS_A>/*.png|jpg|dcm ...
     train/<CLASS_B>/...
     test/<CLASS_A>/...   (optional)
     val/<CLASS_A>/...    (optional; used as-is instead of a split)"""
-
-
-class ImageReadError(Exception):
-    """An image file that cannot be decoded; ``str()`` is ``"{path}: {reason}"``."""
-
-    def __init__(self, path: str | os.PathLike, reason: str) -> None:
-        super().__init__(path, reason)  # args kept so the exception pickles across processes
-        self.path = Path(path)
-        self.reason = reason
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
 
 
 class PatientOverlapError(ValueError):
@@ -104,170 +76,6 @@ class DatasetLayoutError(ValueError):
 
     def __str__(self) -> str:
         return f"{self.args[0]}\n{LAYOUT}"
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading one image
-# ----------------------------------------------------------------------------------------------
-def load_image(path: str | os.PathLike, *, size_hint: int | None = None) -> Image.Image:
-    """Read any image Pillow or pydicom can decode and return it through the intensity rule.
-
-    **The intensity rule** (one for every format, so the same picture gives the same pixels
-    whether it arrives as 8-bit or 16-bit PNG/TIFF, JPEG or DICOM):
-
-    1. decode to grey values at the file's own depth: 8/16/32-bit and float grey as stored,
-       colour as luma (ITU-R 601); DICOM: modality LUT (or RescaleSlope/Intercept), then its first
-       VOI LUT or window when it has one, MONOCHROME1 negated so that bone is bright;
-    2. map the image's own 0.5th..99.5th percentiles linearly to 0..255 and clip
-       (:func:`standardize_intensity`): no format is used "as is" and no bit depth is assumed.
-
-    The result is 8-bit grey, returned as RGB with R = G = B. EXIF orientation is applied; of a
-    multi-frame DICOM the first frame is used. Pixels are fully decoded here, so truncated files
-    fail here.
-
-    Args:
-        size_hint: side the caller will resize to; lets JPEG decode at a reduced scale (never
-            below this size), which is several times faster for full-resolution radiographs.
-
-    Raises:
-        ImageReadError: for every failure, naming the file and the reason.
-    """
-    path = Path(path)
-    return _decode(_read_bytes(path), path, size_hint=size_hint)
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageReadError(path, "file not found") from None
-    except OSError as exc:
-        raise ImageReadError(path, f"cannot read file: {exc.strerror or exc}") from None
-    if not data:
-        raise ImageReadError(path, "empty file (0 bytes)")
-    return data
-
-
-def _is_dicom(path: Path, data: bytes) -> bool:
-    return path.suffix.lower() in DICOM_EXTENSIONS or data[128:132] == b"DICM"
-
-
-def _decode(data: bytes, path: Path, *, size_hint: int | None = None, verify_only: bool = False) -> Image.Image | None:
-    """Decode ``data`` (the bytes of ``path``); with ``verify_only`` decode as cheaply as possible
-    (JPEG at 1/8 scale: every byte is still entropy-decoded, so truncation is still caught)."""
-    try:
-        if _is_dicom(path, data):
-            grey = _decode_dicom(data, path, force=path.suffix.lower() in DICOM_EXTENSIONS)
-            return None if verify_only else _grey_to_rgb(standardize_intensity(grey))
-        img = Image.open(io.BytesIO(data))  # not a context manager: closing would free the pixels
-        if img.format == "JPEG" and (verify_only or size_hint):
-            img.draft(None, (1, 1) if verify_only else (size_hint, size_hint))
-        img.load()
-        if verify_only:
-            return None
-        if img.getexif().get(0x0112, 1) != 1:  # EXIF orientation
-            img = ImageOps.exif_transpose(img)
-        return _grey_to_rgb(standardize_intensity(_grey_values(img)))
-    except ImageReadError:
-        raise
-    except UnidentifiedImageError:
-        raise ImageReadError(path, "not an image format Pillow can read (unknown or corrupt header)") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(path, f"refused as a possible decompression bomb: {exc}") from None
-    except MemoryError:
-        raise ImageReadError(path, "out of memory while decoding") from None
-    except Exception as exc:  # any decoder error becomes one clear message
-        msg = str(exc) or type(exc).__name__
-        if "truncated" in msg:
-            raise ImageReadError(path, f"truncated image data ({msg})") from None
-        raise ImageReadError(path, f"cannot decode image ({type(exc).__name__}: {msg})") from None
-
-
-INTENSITY_PERCENTILES = (0.5, 99.5)
-"""The percentiles of an image's own grey values that the intensity rule maps to 0 and 255."""
-
-_MAX_PERCENTILE_SAMPLES = 1 << 20
-
-
-def standardize_intensity(values: np.ndarray, percentiles: tuple[float, float] = INTENSITY_PERCENTILES) -> np.ndarray:
-    """The intensity rule's step 2: grey values of any depth (2-D array) -> uint8.
-
-    The image's own ``percentiles`` (of its finite values) map linearly to 0..255, clipped; a flat
-    image becomes 0. Linear in the input, so ``v``, ``257 * v`` and ``16 * v + 7`` all give the
-    same bytes. Large images estimate the percentiles on a regular sub-grid of at most 2**20 pixels.
-    """
-    arr = np.asarray(values, dtype=np.float64)
-    step = max(1, int(np.ceil(np.sqrt(arr.size / _MAX_PERCENTILE_SAMPLES))))
-    sample = arr[::step, ::step] if arr.ndim == 2 else arr
-    finite = sample[np.isfinite(sample)]
-    if finite.size == 0:
-        return np.zeros(arr.shape, np.uint8)
-    lo, hi = np.percentile(finite, percentiles)
-    if hi <= lo:  # more than 99 % of the pixels share one value: fall back to the full range
-        lo, hi = float(finite.min()), float(finite.max())
-    if hi <= lo:
-        return np.zeros(arr.shape, np.uint8)
-    out = (np.nan_to_num(arr, nan=lo) - lo) * (255.0 / (hi - lo))
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
-def _grey_to_rgb(grey: np.ndarray) -> Image.Image:
-    return Image.fromarray(grey, "L").convert("RGB")
-
-
-_HIGH_DEPTH_MODES = {"I", "F", "I;16", "I;16L", "I;16B", "I;16N", "I;32", "I;32L", "I;32B"}
-
-
-def _grey_values(img: Image.Image) -> np.ndarray:
-    """Grey values of a Pillow image at its own depth: deep grey as stored, everything else
-    (L, 1, P, LA, RGB, RGBA, CMYK, YCbCr, ...) through Pillow's luma conversion, alpha dropped."""
-    if img.mode in _HIGH_DEPTH_MODES:
-        return np.asarray(img)
-    return np.asarray(img if img.mode == "L" else img.convert("L"))
-
-
-def _first(value: object) -> float:
-    """First value of a DICOM element that may be multi-valued."""
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        value = value[0]
-    return float(value)
-
-
-def _decode_dicom(data: bytes, path: Path, force: bool) -> np.ndarray:
-    """DICOM bytes -> grey values (step 1 of the intensity rule), bone bright."""
-    import pydicom
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-
-    ds = pydicom.dcmread(io.BytesIO(data), force=force)
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise ImageReadError(path, "DICOM file has no pixel data")
-    arr = ds.pixel_array
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        log.debug("%s: multi-frame DICOM (%d frames); using the first frame", path, frames)
-        arr = arr[0]
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-
-    if arr.ndim == 2 and photometric in ("MONOCHROME1", "MONOCHROME2"):
-        values = apply_modality_lut(arr, ds)
-        if np.issubdtype(values.dtype, np.floating) and np.all(np.mod(values, 1) == 0):
-            values = values.astype(np.int64)  # a VOI LUT indexes with integers
-        try:
-            values = apply_voi_lut(values, ds, index=0)
-        except (ValueError, NotImplementedError, AttributeError, IndexError) as exc:
-            log.debug("%s: VOI LUT / window not usable (%s); using the modality values", path, exc)
-        values = np.asarray(values, dtype=np.float64)
-        return -values if photometric == "MONOCHROME1" else values
-
-    if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
-    # pydicom already converted YBR to RGB; colour -> luma (ITU-R 601), as Pillow does.
-    if arr.ndim == 2:
-        return np.asarray(arr, dtype=np.float64)
-    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
-        raise ImageReadError(path, f"unsupported DICOM pixel layout {arr.shape} ({photometric})")
-    rgb = np.asarray(arr[..., :3], dtype=np.float64)
-    return rgb @ np.array([0.299, 0.587, 0.114])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -343,7 +151,7 @@ def find_images(folder: str | os.PathLike) -> list[Path]:
         elif kind == "probe":
             try:
                 with path.open("rb") as f:
-                    if f.read(132)[128:132] == b"DICM":
+                    if has_dicom_magic(f.read(132)):
                         found.append(path)
             except OSError:
                 pass
@@ -365,15 +173,15 @@ def _inspect(path: Path, kind: str, verify: bool, hash_groups: bool) -> _Inspect
             return _Inspection("bad", reason=f"cannot read file: {exc.strerror or exc}")
         return _Inspection("image") if size else _Inspection("bad", reason="empty file (0 bytes)")
     try:
-        data = _read_bytes(path)
+        data = read_bytes(path)
     except ImageReadError as exc:
         return _Inspection("bad", reason=exc.reason)
-    if kind == "probe" and data[128:132] != b"DICM":
+    if kind == "probe" and not has_dicom_magic(data):
         return _Inspection("not_image")
     digest = hashlib.blake2b(data, digest_size=16).hexdigest() if hash_groups else None
     if verify:
         try:
-            _decode(data, path, verify_only=True)
+            decode(data, path, verify_only=True)
         except ImageReadError as exc:
             return _Inspection("bad", digest, exc.reason)
     return _Inspection("image", digest)
@@ -733,177 +541,3 @@ def describe(samples: Sequence[Sample], class_names: Sequence[str]) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------------------------
-# Tensors
-# ----------------------------------------------------------------------------------------------
-def resize_image(img: Image.Image, img_size: int, keep_aspect: bool = False) -> torch.Tensor:
-    """RGB uint8 tensor (3, img_size, img_size): stretched (as in the Kermany preprocessing), or
-    with ``keep_aspect`` scaled to fit and padded with black, centred. Bilinear with antialiasing
-    (Pillow widens the filter when shrinking), like torchvision's ``Resize(antialias=True)``."""
-    img = img if img.mode == "RGB" else img.convert("RGB")
-    size = (img_size, img_size)
-    if keep_aspect:
-        w, h = img.size
-        scale = img_size / max(w, h)
-        new = (max(1, round(w * scale)), max(1, round(h * scale)))
-        fitted = img if new == img.size else img.resize(new, Image.Resampling.BILINEAR)
-        img = Image.new("RGB", size)
-        img.paste(fitted, ((img_size - new[0]) // 2, (img_size - new[1]) // 2))
-    elif img.size != size:
-        img = img.resize(size, Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()  # (3, S, S) uint8
-
-
-def build_transforms(cfg, train: bool, mean: Sequence[float] | float, std: Sequence[float] | float) -> Callable:
-    """uint8 (3, S, S) tensor, already resized -> normalised float32 tensor, the model input.
-
-    Training (with ``cfg.augment``): a small random affine (rotation, translation, scale),
-    brightness/contrast jitter and, with ``acquisition_aug > 0``, random acquisition changes
-    (:class:`chexformer.shifts.RandomAcquisition`: resolution loss, blur, gamma, noise, JPEG).
-    Never flips (the heart is on the patient's left) and never crops. Every path, training and
-    evaluation, ends with the intensity rule on the model-size image
-    (:func:`chexformer.shifts.standardize_tensor`), then ``intensity: equalize`` if set.
-    """
-    from torchvision.transforms import v2
-
-    from chexformer.shifts import RandomAcquisition, standardize_tensor
-
-    mean = [float(mean)] * 3 if isinstance(mean, (int, float)) else [float(m) for m in mean]
-    std = [float(std)] * 3 if isinstance(std, (int, float)) else [float(s) for s in std]
-    steps: list = []
-    if train and cfg.augment:
-        steps += [
-            v2.RandomAffine(
-                degrees=cfg.rotation_deg,
-                translate=(cfg.translate, cfg.translate),
-                scale=(cfg.scale_min, cfg.scale_max),
-                interpolation=v2.InterpolationMode.BILINEAR,
-                fill=0,
-            ),
-            v2.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast),
-        ]
-        if getattr(cfg, "acquisition_aug", 0) > 0:
-            steps.append(RandomAcquisition(cfg.acquisition_aug, cfg.acquisition_strength))
-    steps.append(v2.Lambda(standardize_tensor))
-    if getattr(cfg, "intensity", "stretch") == "equalize":
-        steps.append(v2.RandomEqualize(p=1.0))
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    return v2.Compose(steps)
-
-
-class XrayDataset(Dataset):
-    """Images of ``samples`` as ``(float tensor (3, S, S), label, index)``.
-
-    Each image is decoded with :func:`load_image` and resized with :func:`resize_image`; then
-    ``transform`` (see :func:`build_transforms`) turns the uint8 tensor into the model input, or,
-    without a transform, it is scaled to float 0..1.
-
-    ``preload=True`` decodes everything once, in ``num_preload_workers`` threads, into one uint8
-    tensor (N, 1, S, S) for grayscale images (R = G = B, as X-rays are: a third of the memory of
-    RGB) plus a dict for the rare colour ones, so epochs never decode a file again.
-
-    A file that cannot be read any more (deleted or damaged after the scan) does not stop the
-    epoch: a warning is logged, ``(path, reason)`` is appended to :attr:`failed` (once per file),
-    and the image of the next sample of the same class that can be read is used instead (in index
-    order, wrapping around; black if none can). The returned label and index stay those of the
-    asked-for sample, so evaluation code can drop the indices in :attr:`failed_indices`. Failures
-    that happen inside DataLoader worker processes are logged there but do not reach this object;
-    preload, which runs in the calling process, records them all.
-    """
-
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        img_size: int,
-        keep_aspect: bool = False,
-        transform: Callable | None = None,
-        preload: bool = False,
-        num_preload_workers: int = 2,
-    ) -> None:
-        self.samples = list(samples)
-        self.img_size = img_size
-        self.keep_aspect = keep_aspect
-        self.transform = transform
-        self.failed: list[tuple[Path, str]] = []
-        self.failed_indices: set[int] = set()
-        self._grey: torch.Tensor | None = None
-        self._colour: dict[int, torch.Tensor] = {}
-        if preload:
-            self._preload(num_preload_workers)
-
-    @property
-    def labels(self) -> list[int]:
-        return [s.label for s in self.samples]
-
-    @property
-    def preloaded(self) -> bool:
-        return self._grey is not None
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def _decode(self, i: int) -> torch.Tensor:
-        img = load_image(self.samples[i].path, size_hint=self.img_size)
-        return resize_image(img, self.img_size, self.keep_aspect)
-
-    def _try_decode(self, i: int) -> torch.Tensor | ImageReadError:
-        try:
-            return self._decode(i)
-        except ImageReadError as exc:
-            return exc
-
-    def _record_failure(self, i: int, exc: ImageReadError) -> None:
-        if i not in self.failed_indices:
-            self.failed_indices.add(i)
-            self.failed.append((self.samples[i].path, exc.reason))
-            log.warning("cannot read %s (%s); using the next readable image of the same class instead",
-                        self.samples[i].path, exc.reason)
-
-    def _preload(self, workers: int) -> None:
-        start = time.perf_counter()
-        n, s = len(self.samples), self.img_size
-        self._grey = torch.zeros((n, 1, s, s), dtype=torch.uint8)
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for i, result in enumerate(pool.map(self._try_decode, range(n))):
-                if isinstance(result, ImageReadError):
-                    self._record_failure(i, result)
-                elif torch.equal(result[0], result[1]) and torch.equal(result[0], result[2]):
-                    self._grey[i, 0] = result[0]
-                else:
-                    self._colour[i] = result
-        log.info("preloaded %d images at %d px (%.0f MB, %d colour) in %.1f s", n, s,
-                 (self._grey.numel() + sum(t.numel() for t in self._colour.values())) / 2**20,
-                 len(self._colour), time.perf_counter() - start)
-
-    def _fetch(self, i: int) -> torch.Tensor | None:
-        """The uint8 image of sample ``i`` itself, or None when it cannot be read."""
-        if i in self.failed_indices:
-            return None
-        if self._grey is not None:
-            if i in self._colour:
-                return self._colour[i].clone()
-            return self._grey[i].expand(3, -1, -1).contiguous()  # a copy: the store stays intact
-        result = self._try_decode(i)
-        if isinstance(result, ImageReadError):
-            self._record_failure(i, result)
-            return None
-        return result
-
-    def uint8(self, i: int) -> torch.Tensor:
-        """The resized uint8 image (3, S, S) of sample ``i`` (its replacement if unreadable)."""
-        img = self._fetch(i)
-        if img is not None:
-            return img
-        n, label = len(self.samples), self.samples[i].label
-        for step in range(1, n):
-            j = (i + step) % n
-            if self.samples[j].label == label:
-                img = self._fetch(j)
-                if img is not None:
-                    return img
-        return torch.zeros((3, self.img_size, self.img_size), dtype=torch.uint8)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        img = self.uint8(i)
-        x = self.transform(img) if self.transform is not None else img.float().div_(255)
-        return x, self.samples[i].label, i

@@ -1,4 +1,9 @@
-"""The fast frozen-backbone path: backbone feature maps computed once, then reused every epoch.
+"""Cache frozen-backbone feature maps: computed once, then reused every epoch.
+
+In: the images of an :class:`~chexformer.data.datasets.XrayDataset` and a model whose backbone
+is frozen. Out: :class:`CachedFeatureDataset` items (feature map, label, index) that the
+DataModule serves instead of images on the fast frozen-backbone path, kept in memory and,
+optionally, as ``features-<key>.pt`` in a cache folder.
 
 With the DenseNet121 backbone fully frozen (BatchNorm in eval mode), its output for a given
 input tensor never changes, so computing it every epoch is wasted work: it is ~99% of a
