@@ -1,0 +1,253 @@
+"""The LightningModule: loss, optimiser, schedule, validation calibration and checkpoint metadata.
+
+In: batches of ``(image or cached feature map, label, index)`` from
+:class:`~chexformer.data.datamodule.XrayDataModule`, and the plain model of :mod:`chexformer.model`.
+Out: the per-epoch metrics Lightning logs (TensorBoard, :class:`~chexformer.callbacks.HistoryCSV`),
+the temperature, bias and threshold fitted on each validation epoch, and the ``chexformer``
+metadata every checkpoint carries (:class:`~chexformer.checkpoint.CheckpointMeta`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+from sklearn.metrics import roc_auc_score
+from torchvision.utils import make_grid
+
+from chexformer import metrics
+from chexformer.checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointMeta
+from chexformer.config import Config
+from chexformer.explain import top_feature_channels
+from chexformer.model import build_model
+from chexformer.robustness import robust_threshold
+
+__all__ = ["ChexFormerModule"]
+
+
+class ChexFormerModule(L.LightningModule):
+    """Wraps the plain model for training; knows the loss, optimiser, schedule and metadata."""
+
+    def __init__(self, cfg: Config, class_names: list[str], model: torch.nn.Module | None = None,
+                 class_weight: torch.Tensor | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.class_names = list(class_names)
+        self.binary = len(self.class_names) == 2
+        self.model = model if model is not None else build_model(cfg, len(self.class_names))
+        self.register_buffer("class_weight", class_weight, persistent=False)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.use_features = False
+        self.threshold = 0.5
+        self.temperature = 1.0
+        self.bias = 0.0
+        self.val_auc = float("nan")
+        self.explain_images: torch.Tensor | None = None
+        self.data_summary: dict[str, Any] = {}
+        self.validated_epoch = -1
+        self.val_predictions: dict[str, list] = {}
+        self._val_out: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._train_out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._log_grads = False
+        self.epoch_train_metrics: dict[str, float] = {}
+
+    # --- steps ------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_features:
+            return self.model.forward_from_features(x)
+        if self.cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.model(x)
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.binary:
+            target = y.float()
+            if self.cfg.label_smoothing:
+                target = target * (1 - self.cfg.label_smoothing) + 0.5 * self.cfg.label_smoothing
+            return F.binary_cross_entropy_with_logits(logits.squeeze(1), target, pos_weight=self.class_weight)
+        return F.cross_entropy(logits, y, weight=self.class_weight, label_smoothing=self.cfg.label_smoothing)
+
+    def _accuracy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        pred = (logits.squeeze(1) > 0).long() if self.binary else logits.argmax(1)
+        return (pred == y).float().mean()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x, y, _ = batch
+        logits = self._logits(x)
+        loss = self._loss(logits, y)
+        bs = y.shape[0]
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("train_acc", self._accuracy(logits, y), on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        self._train_out.append((logits.detach().float(), y.detach(), loss.detach().float() * bs))
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._log_grads = True
+        self._train_out = []
+
+    def on_train_epoch_end(self) -> None:
+        """This epoch's training loss, accuracy and AUC (as trained: augmented, dropout on), kept
+        in :attr:`epoch_train_metrics` for the history; AUC is also logged."""
+        if not self._train_out:
+            return
+        logits = torch.cat([o[0] for o in self._train_out]).cpu()
+        y = torch.cat([o[1] for o in self._train_out]).cpu()
+        loss = float(sum(o[2] for o in self._train_out)) / len(y)
+        self._train_out = []
+        self.epoch_train_metrics = {"train_loss": loss,
+                                    "train_acc": float(self._accuracy(logits, y)),
+                                    "train_auc": float("nan")}
+        y = y.numpy()
+        if len(np.unique(y)) < 2:
+            return
+        if self.binary:
+            auc = roc_auc_score(y, logits[:, 0].numpy())
+        else:
+            present = np.unique(y)
+            prob = torch.softmax(logits, 1).numpy()[:, present]
+            auc = roc_auc_score(y, prob / prob.sum(1, keepdims=True), multi_class="ovr", labels=present) \
+                if len(present) > 2 else float("nan")
+        self.epoch_train_metrics["train_auc"] = float(auc)
+        self.log("train_auc", float(auc), sync_dist=False)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        x, y, idx = batch
+        logits = self._logits(x).float()
+        loss = self._loss(logits, y)
+        bs = y.shape[0]
+        self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("val_acc", self._accuracy(logits, y), on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        self._val_out.append((logits.detach(), y.detach(), idx.detach()))
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_out = []
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_out:
+            return
+        logits = torch.cat([o[0] for o in self._val_out])
+        labels = torch.cat([o[1] for o in self._val_out])
+        index = torch.cat([o[2] for o in self._val_out])
+        self._val_out = []
+        if self.trainer.world_size > 1:  # every rank sees every prediction once
+            logits, labels, index = (self.all_gather(t).flatten(0, 1) for t in (logits, labels, index))
+            order = np.unique(index.cpu().numpy(), return_index=True)[1]
+            logits, labels = logits[order], labels[order]
+        auc = self._fit_threshold(logits.cpu(), labels.cpu())
+        if not self.trainer.sanity_checking:
+            self.validated_epoch = int(self.current_epoch)
+        self.log("val_auc", auc, prog_bar=True, sync_dist=False, rank_zero_only=False)
+        self._log_images()
+
+    def _fit_threshold(self, logits: torch.Tensor, labels: torch.Tensor) -> float:
+        """Temperature and decision threshold from this epoch's validation predictions."""
+        y = labels.numpy()
+        if self.trainer.sanity_checking or len(np.unique(y)) < 2:
+            return float("nan")
+        lg = logits.numpy()
+        self.val_predictions = {"logits": lg[:, 0].tolist() if self.binary else lg.tolist(), "labels": y.tolist()}
+        if self.binary:
+            self.temperature, self.bias = metrics.fit_platt(lg[:, 0], y)
+            prob = metrics.apply_platt(lg[:, 0], self.temperature, self.bias)
+            if self.cfg.threshold_method == "sensitivity":
+                self.threshold = float(metrics.choose_threshold(y, prob, "sensitivity", self.cfg.target_sensitivity))
+            else:  # Youden's J on clean validation, middle of its best range; shift_robust is set after training
+                self.threshold = robust_threshold(y, {"clean": prob})
+            self.val_auc = float(roc_auc_score(y, prob))
+        else:
+            self.temperature = float(metrics.fit_temperature(lg, y, multiclass=True))
+            prob = metrics.apply_temperature(lg, self.temperature, multiclass=True)
+            present = np.unique(y)
+            self.val_auc = float(roc_auc_score(y, prob[:, present] / prob[:, present].sum(1, keepdims=True),
+                                               multi_class="ovr", labels=present)) if len(present) > 2 else float("nan")
+        return self.val_auc
+
+    # --- optimisation ------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        cfg = self.cfg
+        backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        head = [p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
+        groups = [{"params": head, "lr": cfg.init_lr, "name": "head"}]
+        min_lrs = [cfg.min_lr]
+        if backbone:
+            groups.append({"params": backbone, "lr": cfg.init_lr * cfg.backbone_lr_scale, "name": "backbone"})
+            min_lrs.append(min(cfg.min_lr, cfg.init_lr * cfg.backbone_lr_scale))
+        # fused AdamW: one kernel for all parameters (CPU and CUDA), several times faster than the loop
+        optimizer = torch.optim.AdamW(groups, lr=cfg.init_lr, weight_decay=cfg.weight_decay, fused=True)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=min_lrs
+        )
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss", "interval": "epoch"}}
+
+    # --- logging extras ---------------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Gradient histograms per model part, once an epoch."""
+        if not self._log_grads or not isinstance(self.logger, TensorBoardLogger):
+            return
+        self._log_grads = False
+        parts: dict[str, list[torch.Tensor]] = {}
+        for name, p in self.model.named_parameters():
+            if p.grad is not None:
+                key = ".".join(name.split(".")[:2]) if name.startswith(("backbone.", "layers.")) else name.split(".")[0]
+                parts.setdefault(key, []).append(p.grad.detach().flatten().float())
+        for key, grads in parts.items():
+            self.logger.experiment.add_histogram(f"gradients/{key}", torch.cat(grads).cpu(), self.current_epoch)
+
+    def _log_images(self) -> None:
+        every = self.cfg.log_images_every
+        if (not every or self.current_epoch % every or self.explain_images is None
+                or not isinstance(self.logger, TensorBoardLogger) or self.trainer.sanity_checking):
+            return
+        x = self.explain_images.to(self.device)
+        tb = self.logger.experiment
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        images = (x * std + mean).clamp(0, 1)
+        tb.add_image("inputs", make_grid(images, nrow=len(x)), self.current_epoch)
+        feats = self.model.feature_maps(x).float()  # (B, 1024, h, w)
+        top = top_feature_channels(feats, k=8)  # (B, 8): the most active channels per image
+        maps = torch.stack([feats[i, top[i]] for i in range(len(x))])  # (B, 8, h, w)
+        maps = _normalise(F.interpolate(maps, size=x.shape[-2:], mode="nearest"))
+        tb.add_image("feature_maps", make_grid(maps.flatten(0, 1).unsqueeze(1), nrow=8), self.current_epoch)
+        if hasattr(self.model, "attention_maps") and getattr(self.model, "layers", None):
+            attn = self.model.attention_maps(x)[-1].float()  # (B, heads, 1+N, 1+N), last layer
+            h = w = feats.shape[-1]
+            cls = attn[:, :, 0, 1:].reshape(len(x), -1, h, w)  # class token -> spatial tokens
+            cls = _normalise(F.interpolate(cls, size=x.shape[-2:], mode="bilinear", align_corners=False))
+            tb.add_image("attention_last_layer", make_grid(cls.flatten(0, 1).unsqueeze(1), nrow=cls.shape[1]),
+                         self.current_epoch)
+
+    # --- checkpoints --------------------------------------------------------------------------------
+    def meta(self) -> CheckpointMeta:
+        return CheckpointMeta(
+            config=self.cfg, class_names=self.class_names, mean=self.mean, std=self.std,
+            threshold=self.threshold, temperature=self.temperature, bias=self.bias, epoch=self.validated_epoch,
+            extra={"val_auc": None if np.isnan(self.val_auc) else self.val_auc, "data": self.data_summary,
+                   "val_predictions": self.val_predictions},
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["chexformer"] = self.meta().to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("chexformer", {})
+        self.threshold = float(meta.get("threshold", 0.5))
+        self.temperature = float(meta.get("temperature", 1.0))
+        self.bias = float(meta.get("bias", 0.0))
+        self.validated_epoch = int(meta.get("epoch", -1))
+        self.val_predictions = dict(meta.get("extra", {}).get("val_predictions", {}))
+
+
+def _normalise(t: torch.Tensor) -> torch.Tensor:
+    lo = t.amin(dim=(-2, -1), keepdim=True)
+    hi = t.amax(dim=(-2, -1), keepdim=True)
+    return (t - lo) / (hi - lo).clamp_min(1e-8)
