@@ -20,10 +20,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
-from chexformer import data, metrics
+from chexformer import data, metrics, plots, report
+from chexformer.card import model_card
 from chexformer.checkpoint import CheckpointMeta
+from chexformer.explain import explain_batch
 from chexformer.inference import Predictor
+from chexformer.predict import prediction_columns
+from chexformer.robustness import format_table, shift_suite_logits, suite_table
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +76,6 @@ def evaluate_checkpoint(
     With ``shift_suite`` the set is also re-scored under every acquisition shift of the robustness
     suite (:mod:`chexformer.robustness`) at the same threshold; the table goes into
     ``metrics.json["shift_suite"]`` and the report."""
-    from chexformer import plots, report
-
     out = Path(out_dir)
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)
@@ -85,8 +88,6 @@ def evaluate_checkpoint(
     dataset = data.XrayDataset(samples, cfg.img_size, cfg.keep_aspect, predictor.transform)
     suite_logits = None
     if shift_suite:
-        from chexformer.robustness import shift_suite_logits
-
         suite_logits = shift_suite_logits(predictor, dataset, batch_size=batch_size, seed=cfg.seed)
         logits = torch.from_numpy(suite_logits["clean"]).reshape(len(dataset), -1)
     else:
@@ -103,8 +104,6 @@ def evaluate_checkpoint(
     results = metrics.evaluation_report(y, prob, meta.class_names, threshold, groups=groups, n_boot=n_boot,
                                         seed=cfg.seed)
     if suite_logits is not None and binary:
-        from chexformer.robustness import format_table, suite_table
-
         table = suite_table(y, {k: predictor.probabilities(v[keep]) for k, v in suite_logits.items()}, threshold)
         results["shift_suite"] = table
         log.info("robustness suite at threshold %.4f:\n%s", threshold, format_table(table))
@@ -177,8 +176,6 @@ def evaluate_checkpoint(
              ] if binary else []
     if cfg.backbone_weights != "file" or not Path(cfg.pretrained_path).is_file():
         notes.append(f"Backbone initialisation: {cfg.backbone_weights} (pretrained_path {cfg.pretrained_path}).")
-    from chexformer.card import model_card
-
     report.write_report(out, title=f"chexformer evaluation: {Path(data_dir)}", config=cfg.to_dict(),
                         data_summary=summary, metrics=results, plots=figs, notes=notes, warnings=warnings,
                         errors=errors, model_card=model_card(predictor, predictor.guard, checkpoint))
@@ -210,11 +207,6 @@ def _error_review(predictor: Predictor, samples, y: np.ndarray, prob: np.ndarray
                   limit: int) -> list[dict[str, Any]]:
     """Every false negative and false positive (up to ``limit`` each, most confident first) with its
     Grad-CAM overlay on the original image (``out/*.png``) and the raw map (``out/*.npy``)."""
-    from PIL import Image
-
-    from chexformer import plots
-    from chexformer.explain import explain_batch
-
     names = predictor.meta.class_names
     pred = prob >= threshold
     fn = [i for i in np.argsort(prob) if y[i] == 1 and not pred[i]][:limit]  # lowest P first
@@ -254,8 +246,6 @@ def _write_predictions(path: Path, samples, prob: np.ndarray, threshold: float |
                        ood: np.ndarray | None = None, guard=None) -> None:
     """predict's CSV schema plus the truth: path, patient, true_label, prob_<class>..., predicted_label,
     threshold (+ ood_score, in_distribution with a guard)."""
-    from chexformer.predict import prediction_columns
-
     names = meta.class_names
     cols = prediction_columns(names, ["ood_score", "in_distribution"] if ood is not None else [])
     cols = cols[:1] + ["patient", "true_label"] + [c for c in cols[1:] if c != "error"]
@@ -277,9 +267,6 @@ def _write_predictions(path: Path, samples, prob: np.ndarray, threshold: float |
 def _explanation_plots(model, meta: CheckpointMeta, dataset, keep, y, prob, plot_dir: Path, n: int) -> dict:
     """Inputs, feature maps, attention per layer and head, rollout and Grad-CAM for a few images:
     the most confident positives first, then the most confident negatives."""
-    from chexformer import plots
-    from chexformer.explain import explain_batch
-
     if not keep:
         return {}
     score = prob if prob.ndim == 1 else prob.max(1)

@@ -18,14 +18,24 @@ Plotting lives elsewhere; these functions return tensors on the model's device.
 from __future__ import annotations
 
 import contextlib
+import csv
+import logging
 import math
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from chexformer import plots
+from chexformer.data import ImageReadError, load_image
+from chexformer.inference import Prediction, Predictor
+from chexformer.predict import collect_images, prediction_columns, prediction_row
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "attention_rollout",
@@ -304,16 +314,6 @@ def explain_files(checkpoint, images: Sequence, out_dir, k: int = 6, device: str
     The heatmaps show the evidence for the positive class (binary) or the predicted class. With
     ``common_scale`` every image's maps share one scale (the largest value of each map kind over
     all images), so a faint map stays faint; otherwise each map is stretched to 0..1 on its own."""
-    import csv
-    import logging
-    from pathlib import Path
-
-    from chexformer import plots
-    from chexformer.data import ImageReadError, load_image
-    from chexformer.inference import Prediction, Predictor
-    from chexformer.predict import collect_images, prediction_columns, prediction_row
-
-    log = logging.getLogger(__name__)
     predictor = Predictor.from_checkpoint(checkpoint, device=device, precision="32")
     model, meta = predictor.model, predictor.meta
     out = Path(out_dir)

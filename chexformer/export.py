@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from chexformer import __version__
 from chexformer.checkpoint import CheckpointMeta
 
 log = logging.getLogger(__name__)
@@ -85,9 +86,7 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
 # Metadata
 # ----------------------------------------------------------------------------------------------
 def _version() -> str:
-    import chexformer
-
-    return str(getattr(chexformer, "__version__", "unknown"))
+    return str(__version__)
 
 
 def export_metadata(meta: CheckpointMeta, fmt: str, num_outputs: int, img_size: int | None = None) -> dict[str, Any]:
@@ -151,7 +150,7 @@ def load_exported_metadata(path: str | Path) -> dict[str, Any]:
                 raise ExportError(f"{path}: TorchScript file without a {TORCHSCRIPT_EXTRA_FILE} extra file")
             return json.loads(zf.read(names[0]))
     try:
-        import onnx
+        import onnx  # local: optional (the export extra)
     except ImportError as exc:
         raise ExportError(f"{path}: reading ONNX metadata needs the onnx package ({exc})") from None
     try:
@@ -221,7 +220,7 @@ def _onnx_attempts(
 
 def _export_onnx(wrapper_fused: nn.Module, wrapper_explicit: nn.Module, example: torch.Tensor, output: Path,
                  opset: int, metadata: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
-    try:
+    try:  # local: optional (the export extra)
         import onnx
         import onnxruntime as ort
     except ImportError as exc:

@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.covariance import LedoitWolf
+from sklearn.decomposition import PCA
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +122,6 @@ def _fit_layer(x: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray
     """Fit one layer's whitening on training features (N, C): returns ``mean`` (C,),
     ``projection`` A (k, C) and ``offset`` (k,) with ``d^2 = ||A x - offset||^2`` the Ledoit-Wolf
     Mahalanobis distance in the first k principal components of the standardised features."""
-    from sklearn.covariance import LedoitWolf
-    from sklearn.decomposition import PCA
-
     mean = x.mean(axis=0)
     scale = x.std(axis=0)
     scale = np.where(scale > 1e-8 * max(float(scale.max()), 1e-30), scale, np.inf)  # dead channels drop out

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,10 +29,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from tqdm.auto import tqdm
 
-from chexformer import data
+from chexformer import data, metrics
 from chexformer.checkpoint import CheckpointMeta, load_checkpoint
+from chexformer.guard import Guard
 from chexformer.runtime import autocast_dtype, resolve_precision
+from chexformer.synthetic import synthetic_image
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +65,6 @@ def tta_views(img: torch.Tensor) -> list[torch.Tensor]:
     """Test-time views of a uint8 image (C, S, S), before normalisation: the image, shifts of 4 %
     left, right, up and down, and a 6 % zoom. Uncovered pixels are black (0), as the training
     affine pads them; no flips (a mirrored chest is anatomically wrong)."""
-    import torchvision.transforms.v2.functional as TF
-
     shift = max(1, round(_TTA_SHIFT * img.shape[-1]))
     views = [img]
     for dx, dy in ((shift, 0), (-shift, 0), (0, shift), (0, -shift)):
@@ -99,8 +103,6 @@ class Predictor:
         self.binary = meta.num_classes == 2
         self.guard = None
         if meta.extra.get("guard"):
-            from chexformer.guard import Guard
-
             self.guard = Guard.from_dict(meta.extra["guard"])
         self.backend = "eager"
         self._compiled = None
@@ -124,8 +126,6 @@ class Predictor:
     def _use_jit(self, batch_size: int, required: bool) -> None:
         """Trace + freeze the model for batches of ``batch_size`` (smaller ones are padded), with the
         precision's autocast baked into the graph; keep it only if it matches eager fp32."""
-        import time
-
         start = time.perf_counter()
         dtype = autocast_dtype(self.precision)
         example = torch.zeros(batch_size, 3, self.img_size, self.img_size, device=self.device)
@@ -160,8 +160,6 @@ class Predictor:
                  "ready in %.1f s", self.precision, batch_size, gap, time.perf_counter() - start)
 
     def _probe_batch(self, n: int) -> torch.Tensor:
-        from chexformer.synthetic import synthetic_image
-
         rng = np.random.default_rng(0)
         imgs = [self.load_array(synthetic_image(rng, self.img_size, opacity=bool(i % 2))[0]) for i in range(n)]
         x = self.to_input(imgs).to(self.device)
@@ -179,8 +177,6 @@ class Predictor:
 
     def load_array(self, grey: np.ndarray) -> torch.Tensor:
         """Step 1 for pixels already in memory (2-D grey or H x W x 3), any dtype."""
-        from PIL import Image
-
         arr = np.asarray(grey)
         if arr.ndim == 3:
             arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
@@ -216,8 +212,6 @@ class Predictor:
 
     def probabilities(self, logits: torch.Tensor | np.ndarray) -> np.ndarray:
         """Step 4: calibrated probabilities, (N,) P(positive class) or (N, C)."""
-        from chexformer import metrics
-
         lg = np.asarray(logits, dtype=np.float64)
         if self.binary:
             return metrics.apply_platt(lg.reshape(len(lg), -1)[:, 0], self.meta.temperature, self.meta.bias)
@@ -261,8 +255,6 @@ class Predictor:
         An unreadable file gives a :class:`Prediction` with ``error`` set. With a guard in the
         checkpoint (and ``guard``), ``extra`` holds ``ood_score`` and ``in_distribution``."""
         use_guard = guard and self.guard is not None
-        from tqdm.auto import tqdm
-
         paths = [Path(p) for p in paths]
         workers = workers or min(4, os.cpu_count() or 1)
         results: list[Prediction] = []

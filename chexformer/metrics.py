@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 from scipy.special import expit, logsumexp, softmax
 from sklearn import metrics as skm
 
@@ -212,8 +212,6 @@ def fit_platt(logits: Any, labels: Any) -> tuple[float, float]:
     weighting (``pos_weight``) puts into the logits. ``T`` stays within ``TEMPERATURE_BOUNDS``;
     a tiny L2 penalty on ``b`` (1e-4) keeps perfectly separable validation data finite.
     """
-    from scipy.optimize import minimize
-
     z, y = _logit_inputs(logits, labels, multiclass=False)
     lo, hi = (math.log(b) for b in TEMPERATURE_BOUNDS)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
@@ -152,8 +153,6 @@ def denormalize(x: Any, mean: Sequence[float], std: Sequence[float]) -> Any:
     """
     shape = (-1, 1, 1)
     if hasattr(x, "detach"):
-        import torch
-
         m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).reshape(shape)
         s = torch.as_tensor(std, dtype=x.dtype, device=x.device).reshape(shape)
         return (x.detach() * s + m).clamp(0.0, 1.0)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import importlib
 import logging
 import os
 import socket
@@ -37,8 +38,10 @@ import torch
 
 from chexformer import data
 from chexformer.card import NOT_A_DEVICE, model_card, operating_point
+from chexformer.explain import explain_batch, upsample_heatmap
 from chexformer.guard import Guard, pixel_problems
 from chexformer.inference import Predictor
+from chexformer.plots import overlay_heatmap
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,6 @@ _INSTALL_HINT = "the web service needs the app extra: pip install chexformer[app
 
 def _require(module: str) -> Any:
     """Import an optional web dependency or fail with the install command."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:
@@ -206,8 +207,6 @@ class Service:
     # --- explanation (the page) -----------------------------------------------------------------
     def explain_file(self, path: str | os.PathLike) -> dict[str, Any]:
         """Prediction, the image for display and its Grad-CAM / rollout maps cut to the image."""
-        from chexformer.explain import explain_batch
-
         img = self.load(path)
         display = self._display_image(path, img)
         result = self.predict_image(img)
@@ -230,8 +229,6 @@ class Service:
     def _to_image_frame(self, heatmap: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:
         """A model-grid heatmap (h, w) -> the displayed image's frame (H, W): with ``keep_aspect``
         the padding the model saw is cut away first, otherwise the map is stretched like the image."""
-        from chexformer.explain import upsample_heatmap
-
         S = self.predictor.img_size
         hm = upsample_heatmap(heatmap.float().cpu(), (S, S))
         if self.predictor.cfg.keep_aspect:
@@ -245,8 +242,6 @@ class Service:
 
 def render_overlay(display: np.ndarray, heatmap: np.ndarray | None, opacity: float) -> np.ndarray | None:
     """The heatmap coloured with a perceptual colour map over the image, uint8 (H, W, 3)."""
-    from chexformer.plots import overlay_heatmap
-
     if heatmap is None or display is None:
         return None
     over = overlay_heatmap(display, heatmap, alpha=float(opacity), cmap=HEATMAP_CMAP)
@@ -349,7 +344,7 @@ def build_app(checkpoint: str | os.PathLike, device: str = "auto") -> Any:
 # The HTTP API and the combined app
 # ----------------------------------------------------------------------------------------------
 def _json_error(status: int, message: str) -> Any:
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse  # local: optional (the app extra)
 
     return JSONResponse({"error": message}, status_code=status)
 
@@ -394,7 +389,7 @@ def create_app(checkpoint: str | os.PathLike | Service, device: str = "auto", *,
     Gradio page mounted at ``/``. Run it with uvicorn (see :func:`serve`)."""
     fastapi = _require("fastapi")
     gr = _require("gradio") if ui else None  # before the model is loaded
-    from starlette.concurrency import run_in_threadpool
+    from starlette.concurrency import run_in_threadpool  # local: optional (the app extra, with fastapi)
 
     service = checkpoint if isinstance(checkpoint, Service) else Service(checkpoint, device,
                                                                           max_concurrent=max_concurrent)

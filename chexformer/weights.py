@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision.models import DenseNet121_Weights
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +235,6 @@ def init_backbone(model: nn.Module, cfg) -> LoadReport | None:
 
 def load_imagenet_weights(model: nn.Module) -> LoadReport:
     """torchvision's ImageNet DenseNet121 weights (downloaded once into the torch hub cache)."""
-    from torchvision.models import DenseNet121_Weights
-
     weights = DenseNet121_Weights.IMAGENET1K_V1
     try:
         state = weights.get_state_dict(progress=True, check_hash=True)
