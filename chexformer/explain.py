@@ -17,11 +17,10 @@ Plotting lives elsewhere; these functions return tensors on the model's device.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from torch import Tensor, nn
 from chexformer import plots
 from chexformer.data import ImageReadError, load_image
 from chexformer.inference import Prediction, Predictor
+from chexformer.model import evaluating
 from chexformer.predict import collect_images, prediction_columns, prediction_row
 
 log = logging.getLogger(__name__)
@@ -46,26 +46,10 @@ __all__ = [
     "upsample_heatmap",
     "heatmap_mass_in_mask",
     "has_attention",
-    "evaluating",
+    "evaluating",  # defined in chexformer.model, kept importable from here
 ]
 
 _HEAD_FUSIONS = ("mean", "max", "min")
-
-
-@contextlib.contextmanager
-def evaluating(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode, then restore each one's own ``training`` flag.
-
-    Restoring module by module (rather than ``model.train(was_training)``) keeps mixed states
-    as they were, e.g. frozen BatchNorm layers in eval mode inside a training model.
-    """
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def has_attention(model: nn.Module) -> bool:

@@ -27,7 +27,7 @@ from torchvision.models import densenet121
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChexFormer", "LinearHeadDenseNet", "build_model", "count_parameters", "BACKBONE_STAGES"]
+__all__ = ["ChexFormer", "LinearHeadDenseNet", "build_model", "count_parameters", "evaluating", "BACKBONE_STAGES"]
 
 BACKBONE_CHANNELS = 1024
 BACKBONE_STRIDE = 32
@@ -40,6 +40,22 @@ BACKBONE_STAGES: tuple[tuple[str, ...], ...] = (
     ("transition1", "denseblock1"),
     ("conv0", "norm0", "relu0", "pool0"),
 )
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every submodule in eval mode, then restore each one's own ``training`` flag.
+
+    Restoring module by module (rather than ``model.train(was_training)``) keeps mixed states
+    as they were, e.g. frozen BatchNorm layers in eval mode inside a training model.
+    """
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,7 +166,7 @@ class _DenseNetBackboneModel(nn.Module):
     @torch.no_grad()
     def feature_maps(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone's feature map, (B, 1024, H/32, W/32)."""
-        with _eval_mode(self):
+        with evaluating(self):
             return self.forward_features(x)
 
 
@@ -265,7 +281,7 @@ class ChexFormer(_DenseNetBackboneModel):
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Per-layer attention weights, each (B, heads, 1 + N, 1 + N); rows sum to 1."""
-        with _eval_mode(self):
+        with evaluating(self):
             return self.tokens_from_features(self.forward_features(x), need_weights=True)[1]
 
     def forward_explain(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
@@ -296,16 +312,6 @@ class LinearHeadDenseNet(_DenseNetBackboneModel):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_from_features(self.forward_features(x))
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 # ----------------------------------------------------------------------------------------------

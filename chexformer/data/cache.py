@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from chexformer.model import evaluating
+
 log = logging.getLogger(__name__)
 
 __all__ = ["FeatureCache", "CachedFeatureDataset", "cache_key", "compute_features"]
@@ -71,11 +73,9 @@ def compute_features(
     channels_last: bool = True,
 ) -> torch.Tensor:
     """Backbone maps (N, 1024, h, w) for uint8 images (N, 3, S, S) after ``transform``."""
-    was_training = model.training
-    model.eval()
     device = torch.device(device)
     out = []
-    try:
+    with evaluating(model):
         for start in range(0, len(images), batch_size):
             batch = torch.stack([transform(img) for img in images[start:start + batch_size]]).to(device)
             if channels_last:
@@ -83,8 +83,6 @@ def compute_features(
             with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 feats = model.forward_features(batch)
             out.append(feats.float().to(CACHE_DTYPE).cpu().contiguous())
-    finally:
-        model.train(was_training)
     return torch.cat(out)
 
 
