@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from chexformer.config import Config, ConfigError
-from chexformer.model import build_model
+from chexformer.model import build_model, num_logits
 from chexformer.weights import WeightsError, read_checkpoint_file
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,11 @@ class CheckpointMeta:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def num_outputs(self) -> int:
+        """Logits the model returns: 1 for two classes, else one per class (:func:`~chexformer.model.num_logits`)."""
+        return num_logits(self.num_classes)
 
     @property
     def positive_class(self) -> str | None:

@@ -341,9 +341,8 @@ def export_model(model: nn.Module, meta: CheckpointMeta, fmt: str, output: str |
     model_size = getattr(model, "img_size", img_size)
     if model_size != img_size:
         raise ExportError(f"model img_size {model_size} differs from the metadata's img_size {img_size}")
-    num_outputs = int(getattr(model, "num_outputs", 1 if meta.num_classes == 2 else meta.num_classes))
-    expected_outputs = 1 if meta.num_classes == 2 else meta.num_classes
-    if num_outputs != expected_outputs:
+    num_outputs = int(getattr(model, "num_outputs", meta.num_outputs))
+    if num_outputs != meta.num_outputs:
         raise ExportError(f"model has {num_outputs} outputs but the metadata names {meta.num_classes} classes")
 
     clone = _frozen_copy(model)

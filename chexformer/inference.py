@@ -100,7 +100,7 @@ class Predictor:
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.transform = data.build_transforms(self.cfg, train=False, mean=meta.mean, std=meta.std)
-        self.binary = meta.num_classes == 2
+        self.binary = meta.num_outputs == 1
         self.guard = None
         if meta.extra.get("guard"):
             self.guard = Guard.from_dict(meta.extra["guard"])
@@ -208,7 +208,7 @@ class Predictor:
                 continue
             with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 out.append(self.model(chunk).float().cpu())
-        return torch.cat(out) if out else torch.empty(0, 1 if self.binary else self.meta.num_classes)
+        return torch.cat(out) if out else torch.empty(0, self.meta.num_outputs)
 
     def probabilities(self, logits: torch.Tensor | np.ndarray) -> np.ndarray:
         """Step 4: calibrated probabilities, (N,) P(positive class) or (N, C)."""

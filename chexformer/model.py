@@ -27,7 +27,8 @@ from torchvision.models import densenet121
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChexFormer", "LinearHeadDenseNet", "build_model", "count_parameters", "evaluating", "BACKBONE_STAGES"]
+__all__ = ["ChexFormer", "LinearHeadDenseNet", "build_model", "count_parameters", "evaluating", "num_logits",
+           "BACKBONE_STAGES"]
 
 BACKBONE_CHANNELS = 1024
 BACKBONE_STRIDE = 32
@@ -40,6 +41,12 @@ BACKBONE_STAGES: tuple[tuple[str, ...], ...] = (
     ("transition1", "denseblock1"),
     ("conv0", "norm0", "relu0", "pool0"),
 )
+
+
+def num_logits(num_classes: int) -> int:
+    """Outputs of the classifier head: two classes share one logit (the positive class's, sigmoid
+    in the loss), more classes get one logit each (softmax). Every reader of logits follows this."""
+    return 1 if num_classes == 2 else num_classes
 
 
 @contextlib.contextmanager
@@ -200,7 +207,7 @@ class ChexFormer(_DenseNetBackboneModel):
         if img_size % BACKBONE_STRIDE:
             raise ValueError(f"img_size must be a multiple of {BACKBONE_STRIDE}, got {img_size}")
         self.num_classes = num_classes
-        self.num_outputs = 1 if num_classes == 2 else num_classes
+        self.num_outputs = num_logits(num_classes)
         self.img_size = img_size
         self.grid_size = img_size // BACKBONE_STRIDE
 
@@ -299,7 +306,7 @@ class LinearHeadDenseNet(_DenseNetBackboneModel):
     ) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.num_outputs = 1 if num_classes == 2 else num_classes
+        self.num_outputs = num_logits(num_classes)
         self.backbone = _densenet_features()
         self.head_drop = nn.Dropout(dropout_rate)
         self.head = nn.Linear(BACKBONE_CHANNELS, self.num_outputs)

@@ -23,7 +23,7 @@ from chexformer import metrics
 from chexformer.checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointMeta
 from chexformer.config import Config
 from chexformer.explain import top_feature_channels
-from chexformer.model import build_model
+from chexformer.model import build_model, num_logits
 from chexformer.robustness import robust_threshold
 
 __all__ = ["ChexFormerModule"]
@@ -37,7 +37,7 @@ class ChexFormerModule(L.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.class_names = list(class_names)
-        self.binary = len(self.class_names) == 2
+        self.binary = num_logits(len(self.class_names)) == 1  # one logit: sigmoid loss
         self.model = model if model is not None else build_model(cfg, len(self.class_names))
         self.register_buffer("class_weight", class_weight, persistent=False)
         self.mean, self.std = tuple(mean), tuple(std)

@@ -32,6 +32,7 @@ from chexformer.data.scan import (
     shared_patients,
     split_by_patient,
 )
+from chexformer.model import num_logits
 from chexformer.runtime import autocast_dtype, default_device
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class XrayDataModule(L.LightningDataModule):
         if self.cfg.class_weighting != "pos_weight":
             return None
         counts = torch.tensor(class_counts(self.train_samples, len(self.class_names)), dtype=torch.float)
-        if len(self.class_names) == 2:
+        if num_logits(len(self.class_names)) == 1:  # pos_weight of the one logit
             return (counts[0] / counts[1]).reshape(1)
         return counts.sum() / (len(counts) * counts)
 
