@@ -43,6 +43,7 @@ __all__ = [
     "apply_temperature",
     "fit_platt",
     "apply_platt",
+    "roc_auc",
     "expected_calibration_error",
     "reliability_curve",
     "binary_metrics",
@@ -329,6 +330,22 @@ def binary_metrics(y_true: Any, prob: Any, threshold: float, n_bins: int = 15) -
         "ece": expected_calibration_error(y, p, n_bins=n_bins),
     }
     return {k: float(v) for k, v in out.items()}
+
+
+def roc_auc(y_true: Any, score: Any) -> float:
+    """ROC AUC of one score per image (N,) or (N, 1) (binary: logit or probability of the positive
+    class), or of class probabilities (N, C): one-vs-rest, macro over the classes present in
+    ``y_true``, each row renormalised over those classes. NaN where undefined: a binary score with
+    fewer than two classes present, class probabilities with fewer than three."""
+    y = _to_numpy(y_true).reshape(-1)
+    s = _to_numpy(score)
+    present = np.unique(y)
+    if s.ndim == 1 or s.shape[1] == 1:
+        return float(skm.roc_auc_score(y, s.reshape(-1))) if len(present) == 2 else math.nan
+    if len(present) < 3:
+        return math.nan
+    p = s[:, present]
+    return float(skm.roc_auc_score(y, p / p.sum(1, keepdims=True), multi_class="ovr", labels=present))
 
 
 def _confusion(y: np.ndarray, pred: np.ndarray, num_classes: int) -> list[list[int]]:

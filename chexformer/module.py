@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
-from sklearn.metrics import roc_auc_score
 from torchvision.utils import make_grid
 
 from chexformer import metrics
@@ -108,13 +107,7 @@ class ChexFormerModule(L.LightningModule):
         y = y.numpy()
         if len(np.unique(y)) < 2:
             return
-        if self.binary:
-            auc = roc_auc_score(y, logits[:, 0].numpy())
-        else:
-            present = np.unique(y)
-            prob = torch.softmax(logits, 1).numpy()[:, present]
-            auc = roc_auc_score(y, prob / prob.sum(1, keepdims=True), multi_class="ovr", labels=present) \
-                if len(present) > 2 else float("nan")
+        auc = metrics.roc_auc(y, logits[:, 0].numpy() if self.binary else torch.softmax(logits, 1).numpy())
         self.epoch_train_metrics["train_auc"] = float(auc)
         self.log("train_auc", float(auc), sync_dist=False)
 
@@ -161,13 +154,10 @@ class ChexFormerModule(L.LightningModule):
                 self.threshold = float(metrics.choose_threshold(y, prob, "sensitivity", self.cfg.target_sensitivity))
             else:  # Youden's J on clean validation, middle of its best range; shift_robust is set after training
                 self.threshold = robust_threshold(y, {"clean": prob})
-            self.val_auc = float(roc_auc_score(y, prob))
         else:
             self.temperature = float(metrics.fit_temperature(lg, y, multiclass=True))
             prob = metrics.apply_temperature(lg, self.temperature, multiclass=True)
-            present = np.unique(y)
-            self.val_auc = float(roc_auc_score(y, prob[:, present] / prob[:, present].sum(1, keepdims=True),
-                                               multi_class="ovr", labels=present)) if len(present) > 2 else float("nan")
+        self.val_auc = metrics.roc_auc(y, prob)
         return self.val_auc
 
     # --- optimisation ------------------------------------------------------------------------------
