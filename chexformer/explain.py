@@ -118,9 +118,7 @@ def attention_rollout(
         a = fused + eye  # residual connection
         a = a / a.sum(dim=-1, keepdim=True)
         result = a @ result  # (B, T, T)
-    cls_row = result[:, 0, 1:].clamp_min(0)  # (B, N)
-    peak = cls_row.amax(dim=-1, keepdim=True)
-    return torch.where(peak > 0, cls_row / peak.clamp_min(torch.finfo(cls_row.dtype).tiny), torch.zeros_like(cls_row))
+    return _scale_to_peak(result[:, 0, 1:].clamp_min(0))  # (B, N)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,10 +141,12 @@ def _class_scores(logits: Tensor, target: int | None) -> Tensor:
     return logits.gather(1, idx[:, None])[:, 0]
 
 
-def _normalise_maps(cam: Tensor) -> Tensor:
-    """Divide each (h, w) map by its maximum; all-zero maps stay zero."""
-    peak = cam.flatten(1).amax(dim=1).view(-1, 1, 1)
-    return torch.where(peak > 0, cam / peak.clamp_min(torch.finfo(cam.dtype).tiny), torch.zeros_like(cam))
+def _scale_to_peak(maps: Tensor) -> Tensor:
+    """Divide each map (everything after the batch dimension) by its maximum; maps without a
+    positive value become zeros. Not min-max: 0 keeps meaning "no evidence", and the ratios
+    between cells (mass fractions) are preserved."""
+    peak = maps.flatten(1).amax(dim=1).view(-1, *([1] * (maps.ndim - 1)))
+    return torch.where(peak > 0, maps / peak.clamp_min(torch.finfo(maps.dtype).tiny), torch.zeros_like(maps))
 
 
 def grad_cam_from_features(model: nn.Module, feats: Tensor, target: int | None = None) -> Tensor:
@@ -164,7 +164,7 @@ def grad_cam_from_features(model: nn.Module, feats: Tensor, target: int | None =
         (grads,) = torch.autograd.grad(score.sum(), feats)  # images are independent in eval mode
     weights = grads.float().mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
     cam = F.relu((weights * feats.detach().float()).sum(dim=1))  # (B, h, w)
-    return _normalise_maps(cam)
+    return _scale_to_peak(cam)
 
 
 def grad_cam(model: nn.Module, x: Tensor, target: int | None = None) -> Tensor:

@@ -23,6 +23,7 @@ from chexformer.checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointMeta
 from chexformer.config import Config
 from chexformer.explain import top_feature_channels
 from chexformer.model import build_model, num_logits
+from chexformer.plots import denormalize, normalise01
 from chexformer.robustness import robust_threshold
 
 __all__ = ["ChexFormerModule"]
@@ -199,20 +200,18 @@ class ChexFormerModule(L.LightningModule):
             return
         x = self.explain_images.to(self.device)
         tb = self.logger.experiment
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        images = (x * std + mean).clamp(0, 1)
+        images = denormalize(x, self.mean, self.std)
         tb.add_image("inputs", make_grid(images, nrow=len(x)), self.current_epoch)
         feats = self.model.feature_maps(x).float()  # (B, 1024, h, w)
         top = top_feature_channels(feats, k=8)  # (B, 8): the most active channels per image
         maps = torch.stack([feats[i, top[i]] for i in range(len(x))])  # (B, 8, h, w)
-        maps = _normalise(F.interpolate(maps, size=x.shape[-2:], mode="nearest"))
+        maps = _per_map_01(F.interpolate(maps, size=x.shape[-2:], mode="nearest"))
         tb.add_image("feature_maps", make_grid(maps.flatten(0, 1).unsqueeze(1), nrow=8), self.current_epoch)
         if hasattr(self.model, "attention_maps") and getattr(self.model, "layers", None):
             attn = self.model.attention_maps(x)[-1].float()  # (B, heads, 1+N, 1+N), last layer
             h = w = feats.shape[-1]
             cls = attn[:, :, 0, 1:].reshape(len(x), -1, h, w)  # class token -> spatial tokens
-            cls = _normalise(F.interpolate(cls, size=x.shape[-2:], mode="bilinear", align_corners=False))
+            cls = _per_map_01(F.interpolate(cls, size=x.shape[-2:], mode="bilinear", align_corners=False))
             tb.add_image("attention_last_layer", make_grid(cls.flatten(0, 1).unsqueeze(1), nrow=cls.shape[1]),
                          self.current_epoch)
 
@@ -237,7 +236,6 @@ class ChexFormerModule(L.LightningModule):
         self.val_predictions = dict(meta.get("extra", {}).get("val_predictions", {}))
 
 
-def _normalise(t: torch.Tensor) -> torch.Tensor:
-    lo = t.amin(dim=(-2, -1), keepdim=True)
-    hi = t.amax(dim=(-2, -1), keepdim=True)
-    return (t - lo) / (hi - lo).clamp_min(1e-8)
+def _per_map_01(t: torch.Tensor) -> torch.Tensor:
+    """Each (H, W) map of a stack min-max scaled to 0..1 (:func:`~chexformer.plots.normalise01`), as a CPU tensor."""
+    return torch.from_numpy(normalise01(t, axes=(-2, -1))).float()

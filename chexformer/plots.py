@@ -32,6 +32,7 @@ from chexformer.metrics import expected_calibration_error, reliability_curve
 
 __all__ = [
     "denormalize",
+    "normalise01",
     "overlay_heatmap",
     "plot_history",
     "plot_confusion_matrix",
@@ -121,10 +122,13 @@ def _resize(map2d: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return np.asarray(im.resize((W, H), Image.BILINEAR), dtype=np.float64)
 
 
-def _normalise01(m: np.ndarray) -> np.ndarray:
-    m = np.nan_to_num(m.astype(np.float64))
-    lo, hi = m.min(), m.max()
-    return (m - lo) / (hi - lo) if hi > lo else np.zeros_like(m)
+def normalise01(m: Any, axes: int | tuple[int, ...] | None = None) -> np.ndarray:
+    """Min-max scaling to 0..1 over ``axes`` (default: the whole array; ``(-2, -1)``: each map of a
+    stack on its own), for display. NaN counts as 0; a flat map becomes all zeros. float64."""
+    m = np.nan_to_num(_np(m, dtype=np.float64))
+    lo, hi = m.min(axis=axes, keepdims=True), m.max(axis=axes, keepdims=True)
+    span = hi - lo
+    return np.where(span > 0, (m - lo) / np.where(span > 0, span, 1.0), 0.0)
 
 
 def _image_axis(ax, title: str | None = None, fontsize: float = 9) -> None:
@@ -177,7 +181,7 @@ def overlay_heatmap(image: Any, heatmap: Any, alpha: float = 0.45, cmap: str = H
     if hm.ndim != 2:
         raise ValueError(f"heatmap must be 2-D (h, w), got shape {hm.shape}")
     if vmax is None:
-        hm = _normalise01(_resize(_normalise01(hm), img.shape[:2]))
+        hm = normalise01(_resize(normalise01(hm), img.shape[:2]))
     else:
         hm = np.clip(_resize(hm, img.shape[:2]) / max(float(vmax), 1e-12), 0.0, 1.0)
     coloured = colormaps[cmap](hm)[..., :3]
