@@ -182,7 +182,7 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
 def read_auc(run_dir: Path) -> dict[str, Any]:
     """Validation AUC at the best (lowest val_loss) checkpoint, and the max over epochs."""
     from chexformer.checkpoint import load_checkpoint
-    from chexformer.train import read_history
+    from chexformer.history import read_history
 
     history = read_history(run_dir / "history.csv")
     aucs = [a for a in (_num(r.get("val_auc")) for r in history) if a is not None]

@@ -8,21 +8,20 @@ exponentially averaged weights that Lightning validates and checkpoints, and
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import os
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, WeightAveraging
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from chexformer.history import read_history, write_history
+
 log = logging.getLogger(__name__)
 
-__all__ = ["EMA", "HistoryCSV", "RankAgreement", "read_history"]
+__all__ = ["EMA", "HistoryCSV", "RankAgreement"]
 
 
 class HistoryCSV(Checkpoint):
@@ -33,9 +32,6 @@ class HistoryCSV(Checkpoint):
     Subclassing :class:`Checkpoint` makes Lightning call this after the module's
     ``on_train_epoch_end`` (as for ModelCheckpoint), so every row belongs to one epoch.
     """
-
-    FIELDS = ["epoch", "train_loss", "train_acc", "train_auc", "val_loss", "val_acc", "val_auc", "lr", "threshold",
-              "seconds"]
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -57,12 +53,7 @@ class HistoryCSV(Checkpoint):
             "seconds": round(time.perf_counter() - self._start, 2),
         }
         rows = [r for r in read_history(self.path) if int(r["epoch"]) < trainer.current_epoch] + [row]
-        tmp = self.path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        write_history(self.path, rows)
 
 
 class EMA(WeightAveraging):
@@ -71,14 +62,6 @@ class EMA(WeightAveraging):
 
     def __init__(self, decay: float) -> None:
         super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
-def read_history(path: Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return list(csv.DictReader(f))
 
 
 class RankAgreement(Callback):

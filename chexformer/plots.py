@@ -13,7 +13,6 @@ common scale instead, so a faint map stays faint next to a strong one.
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -28,6 +27,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from sklearn import metrics as skm
 
+from chexformer.history import read_history
 from chexformer.metrics import expected_calibration_error, reliability_curve
 
 __all__ = [
@@ -191,10 +191,12 @@ def overlay_heatmap(image: Any, heatmap: Any, alpha: float = 0.45, cmap: str = H
 # ----------------------------------------------------------------------------------------------
 # Training curves
 # ----------------------------------------------------------------------------------------------
-def _read_history(history: Any) -> dict[str, np.ndarray]:
+def _history_columns(history: Any) -> dict[str, np.ndarray]:
+    """Numeric columns (NaN where empty or not a number) of a history file or a list of row dicts."""
     if isinstance(history, (str, Path)):
-        with open(history, newline="") as f:
-            rows = list(csv.DictReader(f))
+        if not Path(history).is_file():
+            raise FileNotFoundError(f"history file not found: {history}")
+        rows = read_history(history)
     else:
         rows = [dict(r) for r in history]
     cols: dict[str, np.ndarray] = {}
@@ -229,7 +231,7 @@ def plot_history(history: Any, out: str | Path, title: str = "Training history")
     cells are skipped (a panel without data is left out). The best validation loss and AUC are
     marked.
     """
-    h = _read_history(history)
+    h = _history_columns(history)
     x = h["epoch"]
     panels = [
         ("Loss", [("train_loss", "train"), ("val_loss", "validation")], False),

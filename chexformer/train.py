@@ -32,7 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from chexformer import metrics
-from chexformer.callbacks import EMA, HistoryCSV, RankAgreement, read_history
+from chexformer.callbacks import EMA, HistoryCSV, RankAgreement
 from chexformer.config import Config
 from chexformer.data.datamodule import XrayDataModule
 from chexformer.data.scan import write_split_csv
@@ -47,7 +47,7 @@ from chexformer.weights import init_backbone, read_checkpoint_file
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ChexFormerModule", "XrayDataModule", "train", "RunExistsError", "finalize_best", "read_history"]
+__all__ = ["ChexFormerModule", "XrayDataModule", "train", "RunExistsError", "finalize_best"]
 
 GUARD_MAX_TRAIN_IMAGES = 2000
 
