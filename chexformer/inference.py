@@ -30,11 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from tqdm.auto import tqdm
 
 from chexformer import data, metrics
 from chexformer.checkpoint import CheckpointMeta, load_checkpoint
+from chexformer.data.io import grey_image
 from chexformer.guard import Guard
 from chexformer.runtime import autocast_dtype, resolve_precision
 from chexformer.synthetic import synthetic_image
@@ -177,11 +177,7 @@ class Predictor:
 
     def load_array(self, grey: np.ndarray) -> torch.Tensor:
         """Step 1 for pixels already in memory (2-D grey or H x W x 3), any dtype."""
-        arr = np.asarray(grey)
-        if arr.ndim == 3:
-            arr = arr[..., :3].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-        img = Image.fromarray(data.standardize_intensity(arr), "L").convert("RGB")
-        return data.resize_image(img, self.img_size, self.cfg.keep_aspect)
+        return data.resize_image(grey_image(grey), self.img_size, self.cfg.keep_aspect)
 
     def to_input(self, images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
         """Step 2: uint8 images (B, 3, S, S) or a list of (3, S, S) -> normalised float batch."""
