@@ -101,6 +101,7 @@ def evaluate_checkpoint(
     binary = meta.num_classes == 2
     threshold, threshold_source = threshold_for(meta, target_sensitivity) if binary else (None, "argmax")
     prob = predictor.probabilities(lg)
+    raw = 1 / (1 + np.exp(-lg[:, 0])) if binary else None  # sigmoid of the raw logit, before Platt scaling
     results = metrics.evaluation_report(y, prob, meta.class_names, threshold, groups=groups, n_boot=n_boot,
                                         seed=cfg.seed)
     if suite_logits is not None and binary:
@@ -124,7 +125,7 @@ def evaluate_checkpoint(
     if meta.extra.get("data", {}).get("synthetic") or "demo-data" in str(data_dir):
         warnings.append("This is the synthetic demo data set: a pipeline check, not a medical result.")
     if binary:
-        results["ece_uncalibrated"] = metrics.expected_calibration_error(y, 1 / (1 + np.exp(-lg[:, 0])))
+        results["ece_uncalibrated"] = metrics.expected_calibration_error(y, raw)
         results["threshold_table"] = threshold_table(y, prob, threshold)
     results["threshold_source"] = threshold_source
     results["temperature"] = meta.temperature
@@ -153,7 +154,6 @@ def evaluate_checkpoint(
                                          auc_ci=at["roc_auc"]["ci95"], threshold=threshold)
             figs["pr"] = plots.plot_pr(y, prob, plot_dir / "pr.png", ap=at["pr_auc"]["value"],
                                        ap_ci=at["pr_auc"]["ci95"])
-        raw = 1 / (1 + np.exp(-lg[:, 0]))  # before Platt scaling
         figs["reliability_uncalibrated"] = plots.plot_reliability(
             y, raw, plot_dir / "reliability_uncalibrated.png", ece=results["ece_uncalibrated"],
             title="Reliability before calibration (sigmoid of raw logits)")

@@ -92,14 +92,10 @@ def _binary_inputs(y_true: Any, prob: Any) -> tuple[np.ndarray, np.ndarray]:
         p = p[:, 0]
     if p.ndim != 1:
         raise ValueError(f"prob must have shape (N,), (N, 1) or (N, 2) for a binary problem, got {p.shape}")
-    if len(y) != len(p):
-        raise ValueError(f"y_true has {len(y)} entries but prob has {len(p)}")
-    if len(y) == 0:
-        raise ValueError("y_true and prob are empty")
+    _check_lengths(y, p)
     if not np.isin(y, (0, 1)).all():
         raise ValueError(f"binary y_true must contain only 0 and 1, got values {np.unique(y)[:10].tolist()}")
-    if not np.isfinite(p).all() or p.min() < 0 or p.max() > 1:
-        raise ValueError("prob must be finite probabilities in [0, 1] (apply a sigmoid to logits first)")
+    _check_probabilities(p, "sigmoid")
     return y.astype(np.int64), p
 
 
@@ -108,18 +104,27 @@ def _multiclass_inputs(y_true: Any, prob: Any, num_classes: int | None = None) -
     p = _to_numpy(prob, dtype=np.float64)
     if p.ndim != 2:
         raise ValueError(f"multiclass prob must have shape (N, C), got {p.shape}")
-    if len(y) != len(p):
-        raise ValueError(f"y_true has {len(y)} entries but prob has {len(p)}")
-    if len(y) == 0:
-        raise ValueError("y_true and prob are empty")
+    _check_lengths(y, p)
     C = p.shape[1]
     if num_classes is not None and C != num_classes:
         raise ValueError(f"prob has {C} columns but there are {num_classes} class names")
     if y.min() < 0 or y.max() >= C:
         raise ValueError(f"labels must be in 0..{C - 1}, got values {np.unique(y)[:10].tolist()}")
-    if not np.isfinite(p).all() or p.min() < 0 or p.max() > 1:
-        raise ValueError("prob must be finite probabilities in [0, 1] (apply a softmax to logits first)")
+    _check_probabilities(p, "softmax")
     return y, p
+
+
+def _check_lengths(y: np.ndarray, p: np.ndarray) -> None:
+    if len(y) != len(p):
+        raise ValueError(f"y_true has {len(y)} entries but prob has {len(p)}")
+    if len(y) == 0:
+        raise ValueError("y_true and prob are empty")
+
+
+def _check_probabilities(p: np.ndarray, link: str) -> None:
+    """Finite and within [0, 1]; ``link`` names what turns logits into them (sigmoid, softmax)."""
+    if not np.isfinite(p).all() or p.min() < 0 or p.max() > 1:
+        raise ValueError(f"prob must be finite probabilities in [0, 1] (apply a {link} to logits first)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -138,6 +138,18 @@ def _image_axis(ax, title: str | None = None, fontsize: float = 9) -> None:
         ax.set_title(title, fontsize=fontsize)
 
 
+def _unit_square_axes(ax, xlabel: str, ylabel: str, title: str, legend_loc: str) -> None:
+    """The frame of a ROC or PR curve: both axes 0..1 (a hair wider), equal aspect, grid, legend."""
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_aspect("equal")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc=legend_loc, fontsize=9)
+
+
 def _heatmap_colorbar(fig: Figure, axes, cmap: str, label: str = "relative importance (per map, 0-1)") -> None:
     sm = ScalarMappable(norm=Normalize(0, 1), cmap=cmap)
     cb = fig.colorbar(sm, ax=axes, shrink=0.8, fraction=0.05, pad=0.02)
@@ -335,14 +347,8 @@ def plot_roc(
                     label=f"threshold {threshold:.3g}\n(sens {sens:.2f}, spec {1 - fp_rate:.2f})")
     else:
         ax.text(0.5, 0.5, "ROC undefined: only one class present", ha="center", transform=ax.transAxes)
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_aspect("equal")
-    ax.set_xlabel("False positive rate (1 - specificity)")
-    ax.set_ylabel("True positive rate (sensitivity)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
+    _unit_square_axes(ax, "False positive rate (1 - specificity)", "True positive rate (sensitivity)", title,
+                      legend_loc="lower right")
     return _save(fig, out)
 
 
@@ -368,14 +374,8 @@ def plot_pr(
         ax.step(recall, precision, where="post", color="tab:blue", lw=2, label=f"AP = {_fmt_ci(ap, ap_ci)}")
     else:
         ax.text(0.5, 0.5, "PR curve undefined: no positives", ha="center", transform=ax.transAxes)
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_aspect("equal")
-    ax.set_xlabel("Recall (sensitivity)")
-    ax.set_ylabel("Precision (positive predictive value)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=9)
+    _unit_square_axes(ax, "Recall (sensitivity)", "Precision (positive predictive value)", title,
+                      legend_loc="lower left")
     return _save(fig, out)
 
 

@@ -135,27 +135,34 @@ def _ci_of(entry: Mapping[str, Any]) -> Sequence[Any] | None:
     return None
 
 
-def _value_cells(entry: Any) -> str:
-    """Two cells: the value and its interval ("n/a" where undefined)."""
+_NA_CELL = '<td class="na" title="undefined on this data">n/a</td>'
+
+
+def _value_and_interval(entry: Any) -> tuple[Any, str]:
+    """A metric entry (a number, or ``{"value", "ci95"}``) -> its value and its interval as
+    ``lo&ndash;hi`` ("" unless both ends are finite)."""
     if not isinstance(entry, Mapping):
         entry = {"value": entry}
     v, ci = entry.get("value"), _ci_of(entry)
+    interval = f"{_fmt(ci[0])}&ndash;{_fmt(ci[1])}" if ci and all(_finite(c) for c in ci) else ""
+    return v, interval
+
+
+def _value_cells(entry: Any) -> str:
+    """Two cells: the value and its interval ("n/a" where undefined)."""
+    v, interval = _value_and_interval(entry)
     if not _finite(v):
-        return '<td class="na" title="undefined on this data">n/a</td><td class="ci"></td>'
-    ci_text = f"{_fmt(ci[0])}&ndash;{_fmt(ci[1])}" if ci and all(_finite(c) for c in ci) else ""
-    return f'<td class="num">{_fmt(v)}</td><td class="ci">{ci_text}</td>'
+        return _NA_CELL + '<td class="ci"></td>'
+    return f'<td class="num">{_fmt(v)}</td><td class="ci">{interval}</td>'
 
 
 def _value_ci_inline(entry: Any) -> str:
     """One cell: value with its interval underneath."""
-    if not isinstance(entry, Mapping):
-        entry = {"value": entry}
-    v, ci = entry.get("value"), _ci_of(entry)
+    v, interval = _value_and_interval(entry)
     if not _finite(v):
-        return '<td class="na" title="undefined on this data">n/a</td>'
-    ci_text = f'<br><span class="small">{_fmt(ci[0])}&ndash;{_fmt(ci[1])}</span>' if ci and all(
-        _finite(c) for c in ci) else ""
-    return f'<td class="num">{_fmt(v)}{ci_text}</td>'
+        return _NA_CELL
+    below = f'<br><span class="small">{interval}</span>' if interval else ""
+    return f'<td class="num">{_fmt(v)}{below}</td>'
 
 
 def _ci_label(metrics: Mapping[str, Any]) -> str:
