@@ -7,6 +7,10 @@ with ``model.``) plus a ``chexformer`` entry holding only plain Python values, s
     {"version": 1, "config": {...resolved Config...}, "class_names": [...],
      "normalization": {"mean": [...], "std": [...]}, "threshold": 0.43, "temperature": 1.2,
      "bias": -0.8, "epoch": 7}
+
+Written during training (the metadata comes from :meth:`ChexFormerModule.meta
+<chexformer.module.ChexFormerModule.meta>`, completed by ``train.finalize_best``); read by
+:class:`~chexformer.inference.Predictor`, ``export`` and the command line.
 """
 
 from __future__ import annotations

@@ -13,6 +13,10 @@ Every function leaves the model as it found it: train/eval mode of every submodu
 ``requires_grad`` flags and ``.grad`` fields. Attention weights come only from the explicit
 attention path (``need_weights=True``), which gives the same logits as the fused one.
 Plotting lives elsewhere; these functions return tensors on the model's device.
+
+In: a model and normalised images from :class:`~chexformer.inference.Predictor`. Out: maps for
+:mod:`chexformer.plots`, the evaluation report and the web page; :func:`explain_files` (the
+``chexformer explain`` command) writes one PNG panel, raw ``.npy`` maps and ``explain.csv``.
 """
 
 from __future__ import annotations

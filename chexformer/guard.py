@@ -25,6 +25,9 @@ checkpoint metadata (about 47k numbers at 16 components) and readable with
 meaningful with the model the guard was fitted with (same weights, same image size): the guard
 stores the image size and a fingerprint of the backbone and warns when they differ.
 
+Fitted by ``train.finalize_best`` on the training and validation images and stored in
+``best.ckpt``; scored by :class:`~chexformer.inference.Predictor` for every prediction.
+
 :func:`pixel_problems` is a cheap check on the pixels themselves (a blank or constant frame), for a
 clearer message to the user; the decision itself is the feature score.
 """

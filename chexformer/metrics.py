@@ -1,7 +1,11 @@
 """Evaluation metrics with bootstrap confidence intervals, threshold choice and calibration.
 
 Pure functions over numpy arrays (torch tensors are accepted and converted); nothing here knows
-about training. Point estimates come from :mod:`sklearn.metrics`; the bootstrap re-derives the same
+about training. In: labels and logits or probabilities from evaluation, validation (the
+LightningModule, ``finalize_best``) and the robustness suite. Out: thresholds, calibration
+parameters and the JSON-ready dict written as ``metrics.json``.
+
+Point estimates come from :mod:`sklearn.metrics`; the bootstrap re-derives the same
 quantities from per-resample sample weights so that 1000 resamples of 1000 images take well under
 a second (tests check the two paths agree).
 

@@ -11,6 +11,11 @@ token concatenated with the mean of the spatial tokens.
 ``forward`` returns logits only: (B, 1) for two classes (sigmoid in the loss), (B, C) otherwise.
 Attention weights are computed only when asked for (:meth:`ChexFormer.attention_maps`); training
 uses the fused ``scaled_dot_product_attention`` kernel.
+
+In: normalised image batches (B, 3, S, S) from :mod:`chexformer.data.datasets` (training) or
+:class:`~chexformer.inference.Predictor`, or cached backbone maps (:mod:`chexformer.data.cache`).
+Out: logits for the loss (:mod:`chexformer.module`), calibration and explanations. Backbone weights
+are loaded by :mod:`chexformer.weights`; checkpoints are rebuilt by :mod:`chexformer.checkpoint`.
 """
 
 from __future__ import annotations

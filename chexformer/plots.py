@@ -1,7 +1,10 @@
 """Figures for training curves, evaluation and explanations, written as PNG files.
 
 Every ``plot_*`` function takes plain arrays (numpy or torch), writes one PNG and returns its
-path. Figures are built on :class:`matplotlib.figure.Figure` directly, never through ``pyplot``,
+path. In: history.csv, evaluation results and explanation maps (from :mod:`chexformer.evaluate`,
+:mod:`chexformer.explain`, the web service). Out: PNG files for ``report.html`` and panels.
+
+Figures are built on :class:`matplotlib.figure.Figure` directly, never through ``pyplot``,
 so nothing here touches the global backend or leaves figures open, and the module works headless.
 
 Heatmaps use the perceptually uniform ``"inferno"`` colormap: bright yellow = high (most attention,

@@ -3,7 +3,9 @@
 The page embeds every image as a base64 ``data:`` URI and carries its CSS inline; it needs no
 JavaScript, fonts or network, and a Content-Security-Policy forbids the browser to fetch anything,
 so it can be mailed, archived next to the checkpoint or opened on an offline workstation and look
-the same. All text from configs, file names and metrics is HTML-escaped.
+the same. All text from configs, file names and metrics is HTML-escaped. In: what
+:func:`chexformer.evaluate.evaluate_checkpoint` computed (metrics, PNG paths, data summary, model
+card). Out: ``OUT/report.html``.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ It also chooses the **shift-robust threshold** (:func:`robust_threshold`): the c
 maximises Youden's J averaged over the clean and all shifted copies of validation, so it sits
 where new acquisition conditions still find it, and is smooth enough to be stable across epochs
 and seeds (one flat J curve of a near-separable validation set has many maxima; 25 averaged do not).
+
+In: a :class:`~chexformer.inference.Predictor` and a labelled :class:`~chexformer.data.XrayDataset`.
+Out: logits per shifted copy and the suite's table, for ``finalize_best`` (stored in the checkpoint,
+``validation_shift_suite.json``) and ``evaluate --shift-suite`` (``metrics.json``, the report).
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ c. state dicts whose ``features.conv0.weight`` is single-channel [64, 1, 7, 7] (
 d. chexformer's own checkpoints (Lightning ``.ckpt`` or exported state dicts).
 
 Every load reports how many tensors loaded and lists missing and unexpected keys; a partial
-backbone is an error, never a silent ``strict=False``.
+backbone is an error, never a silent ``strict=False``. In: a weights file (``cfg.pretrained_path``)
+or torchvision's download. Out: the DenseNet121 backbone of a freshly built model, before training.
 """
 
 from __future__ import annotations
