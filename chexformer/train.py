@@ -679,7 +679,7 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
     return summary
 
 
-GUARD_MAX_TRAIN_IMAGES = 2000
+GUARD_MAX_TRAIN_IMAGES = 1000
 
 
 def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path) -> dict[str, Any]:
