@@ -1,8 +1,10 @@
 """Command-line entry point: ``chexformer <command>`` and ``python -m chexformer <command>``.
 
 Commands: ``demo`` (the whole pipeline on a generated data set), ``train``, ``evaluate``,
-``explain``, ``predict``, ``export``, ``summary`` (the model a config builds).
-Every config field is an option: ``--img-size 128 --freeze-cnn true``; ``--config FILE`` reads YAML.
+``explain``, ``predict``, ``serve``, ``export``, ``summary`` (the model a config builds).
+Every config field is an option: ``--img-size 128 --freeze-cnn true``; ``--config FILE`` reads YAML;
+``chexformer train --print-config`` shows the resolved config. ``chexformer COMMAND --help`` explains
+each option.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import logging
 import sys
 from pathlib import Path
 
+# Only light modules at the top: building the parser (and so --help) must not import torch, numpy or
+# Lightning. Each command imports what it needs.
 from chexformer import __version__
-from chexformer.config import ConfigError, add_config_arguments, config_from_args, load_config, overrides_from_args
+from chexformer._help import ArgumentParser
+from chexformer.config import Config, add_config_arguments, config_from_args, load_config, overrides_from_args
 
 log = logging.getLogger("chexformer")
 
@@ -36,9 +41,12 @@ def _setup_logging(verbose: bool) -> None:
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from chexformer.train import train
+def _print_config(cfg: Config) -> int:
+    print(cfg.to_yaml(), end="")
+    return 0
 
+
+def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and not args.config:
         out = overrides_from_args(args).get("out_dir")
         stored = Path(out) / "config.yaml" if out else None
@@ -46,23 +54,29 @@ def cmd_train(args: argparse.Namespace) -> int:
             log.info("--resume: using the run's stored config %s (command-line options still override)", stored)
             args.config = str(stored)
     cfg = config_from_args(args)
+    if args.print_config:
+        return _print_config(cfg)
+    from chexformer.train import train
+
     train(cfg, resume=args.resume)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from chexformer.synthetic import make_synthetic_dataset
-    from chexformer.train import train
-
     explicit = overrides_from_args(args)
     out = Path(explicit.get("out_dir", "runs/demo"))
     data_dir = Path(explicit.get("data_dir", out / "demo-data"))
-    if not (data_dir / "train").is_dir():
-        log.info("generating the synthetic demo data set in %s", data_dir)
-        make_synthetic_dataset(data_dir, n_per_class=args.images_per_class, img_size=128, seed=0)
     base = load_config(args.config) if args.config else None
     overrides = {**DEMO_OVERRIDES, **explicit, "out_dir": str(out), "data_dir": str(data_dir)}
     cfg = load_config(None, {**(base.to_dict() if base else {}), **overrides})
+    if args.print_config:
+        return _print_config(cfg)
+    from chexformer.synthetic import make_synthetic_dataset
+    from chexformer.train import train
+
+    if not (data_dir / "train").is_dir():
+        log.info("generating the synthetic demo data set in %s", data_dir)
+        make_synthetic_dataset(data_dir, n_per_class=args.images_per_class, img_size=128, seed=0)
     log.info("demo: synthetic chest-radiograph-like images, random backbone init, img_size %d, %d epochs",
              cfg.img_size, cfg.epochs)
     summary = train(cfg, resume=args.resume)
@@ -71,23 +85,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_summary(args: argparse.Namespace) -> int:
-    import torch
-
-    from chexformer.model import build_model, count_parameters
+    from chexformer._help import model_table
+    from chexformer.model import build_model
     from chexformer.weights import init_backbone
 
     cfg = config_from_args(args)
     model = build_model(cfg, num_classes=args.num_classes).eval()
     report = init_backbone(model, cfg)
-    print(model)
-    trainable, frozen = count_parameters(model)
-    x = torch.zeros(1, 3, cfg.img_size, cfg.img_size)
-    with torch.no_grad():
-        feats = model.forward_features(x)
-    print(f"\ninput (1, 3, {cfg.img_size}, {cfg.img_size}) -> backbone map {tuple(feats.shape)} -> "
-          f"{feats.shape[-1] * feats.shape[-2]} tokens + class token -> logits {tuple(model(x).shape)}")
-    print(f"parameters: {trainable:,} trainable, {frozen:,} frozen")
-    print(f"backbone weights: {report if report else 'random initialisation (' + cfg.backbone_weights + ')'}")
+    print("\n".join(model_table(model, cfg, report)))
     return 0
 
 
@@ -105,7 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     from chexformer.explain import explain_files
 
-    explain_files(args.checkpoint, args.images, args.out_dir, device=args.device)
+    explain_files(args.checkpoint, args.images, args.out_dir, device=args.device, common_scale=args.common_scale)
     return 0
 
 
@@ -145,30 +150,47 @@ def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
                         "probability, else eager PyTorch (default: auto)")
 
 
+_CONFIG_USAGE = "[--config FILE] [--FIELD-NAME VALUE ...]"
+_PRINT_CONFIG_HELP = "print the resolved config (defaults, --config file, options) as YAML and exit"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="chexformer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="chexformer", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"chexformer {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # -v also after the command; SUPPRESS keeps the subcommand from resetting `chexformer -v train`.
+    common = ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train on DATA_DIR/train, evaluate on DATA_DIR/test")
+    def command(name: str, help: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common], **kwargs)
+
+    p = command("train", "train on DATA_DIR/train, evaluate on DATA_DIR/test",
+                usage=f"%(prog)s [-h] [-v] [--resume] [--print-config] {_CONFIG_USAGE}")
     p.add_argument("--resume", action="store_true", help="continue the run in --out-dir from checkpoints/last.ckpt")
+    p.add_argument("--print-config", action="store_true", help=_PRINT_CONFIG_HELP)
     add_config_arguments(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("demo", help="generate a small synthetic data set and run the whole pipeline on it")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--images-per-class", type=int, default=240)
+    p = command("demo", "generate a small synthetic data set and run the whole pipeline on it",
+                usage=f"%(prog)s [-h] [-v] [--resume] [--images-per-class N] [--print-config] {_CONFIG_USAGE}")
+    p.add_argument("--resume", action="store_true", help="continue the demo run from its last checkpoint")
+    p.add_argument("--images-per-class", type=int, default=240, metavar="N",
+                   help="size of the generated data set (default: 240)")
+    p.add_argument("--print-config", action="store_true",
+                   help=_PRINT_CONFIG_HELP + " (the demo's small model and data included)")
     add_config_arguments(p)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("summary", help="build the model a config describes and print it")
-    p.add_argument("--num-classes", type=int, default=2)
+    p = command("summary", "build the model a config describes and print a table of its stages",
+                usage=f"%(prog)s [-h] [-v] [--num-classes N] {_CONFIG_USAGE}")
+    p.add_argument("--num-classes", type=int, default=2, metavar="N", help="classes of the head (default: 2)")
     add_config_arguments(p)
     p.set_defaults(func=cmd_summary)
 
-    p = sub.add_parser("evaluate", help="metrics with CIs, plots and an HTML report for a checkpoint")
+    p = command("evaluate", "metrics with CIs, plots and an HTML report for a checkpoint")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data-dir", required=True, help="a folder with one sub-folder per class (e.g. DATA/test)")
     p.add_argument("--out-dir", required=True)
@@ -181,14 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_arguments(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("explain", help="attention rollout, Grad-CAM and feature maps for images")
+    p = command("explain", "attention rollout, Grad-CAM and feature maps for images")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N] (default: auto)")
+    p.add_argument("--common-scale", action="store_true",
+                   help="one heatmap scale for all images (a faint map stays faint) instead of 0..1 per map")
     p.add_argument("images", nargs="+")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("predict", help="probabilities and labels for image files or folders, as CSV")
+    p = command("predict", "probabilities and labels for image files or folders, as CSV")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--batch-size", type=int, default=32)
@@ -199,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("serve", help="web viewer and HTTP API for a checkpoint (needs the app extra)")
+    p = command("serve", "web viewer and HTTP API for a checkpoint (needs the app extra)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=7860)
@@ -207,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=1, help="inferences run at the same time (default: 1)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript")
+    p = command("export", "export a checkpoint to ONNX or TorchScript")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--format", choices=["onnx", "torchscript"], required=True)
     p.add_argument("--output", required=True)
@@ -222,13 +246,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _setup_logging(args.verbose)
-    from chexformer.data import DatasetLayoutError, ImageReadError
-    from chexformer.weights import WeightsError
-
     try:
         return args.func(args)
-    except (ConfigError, DatasetLayoutError, ImageReadError, WeightsError, FileExistsError, FileNotFoundError,
-            ValueError) as exc:
+    # ConfigError, DatasetLayoutError and WeightsError are ValueErrors: an input to fix, not a bug.
+    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 2
+    except Exception as exc:
+        from chexformer.data import ImageReadError  # imported only here: printing help needs no torch
+
+        if not isinstance(exc, ImageReadError):
+            raise
         log.error("%s", exc)
         return 2
 

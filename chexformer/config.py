@@ -8,15 +8,19 @@ that a run can be reproduced from that file alone.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import difflib
+import functools
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-__all__ = ["Config", "ConfigError", "load_config", "add_config_arguments", "config_from_args", "overrides_from_args"]
+__all__ = ["Config", "ConfigError", "load_config", "add_config_arguments", "config_from_args", "overrides_from_args",
+           "field_docs", "field_choices"]
 
 
 class ConfigError(ValueError):
@@ -36,6 +40,7 @@ class Config:
     img_size: int = 224
     """Square input side in pixels; a multiple of 32 (DenseNet121 downsamples by 32)."""
     batch_size: int = 16
+    """Images per training step on each device."""
     validation_split: float = 0.2
     """Fraction of ``train/`` held out for validation, grouped by patient, stratified by class."""
     min_val_per_class: int = 30
@@ -47,13 +52,18 @@ class Config:
     train/val/test; by default that is an error."""
 
     # --- transformer -------------------------------------------------------------------------
-    arch: str = "hybrid"
+    arch: Literal["hybrid", "linear"] = "hybrid"
     """'hybrid' (DenseNet121 + Transformer, the chexformer model) or 'linear' (DenseNet121 with a
     pooled linear head, the ablation baseline)."""
     d_model: int = 256
+    """Token width of the encoder (the 1024 backbone channels are projected to it); a multiple of
+    num_heads."""
     num_heads: int = 8
+    """Attention heads per encoder layer."""
     ffn_dim: int = 512
+    """Hidden width of the feed-forward block in each encoder layer."""
     num_layers: int = 2
+    """Transformer encoder layers (0: the projected tokens go straight to the head)."""
     dropout_rate: float = 0.2
     """Dropout in the encoder's feed-forward and residual branches, after the positional
     encoding and before the classifier."""
@@ -66,8 +76,11 @@ class Config:
     backbone_lr_scale: float = 0.1
     """Unfrozen backbone stages train at ``init_lr * backbone_lr_scale``."""
     weight_decay: float = 1e-4
+    """AdamW weight decay."""
     epochs: int = 30
+    """Maximum number of training epochs (early stopping may end training sooner)."""
     min_lr: float = 1e-6
+    """ReduceLROnPlateau never lowers the learning rate below this."""
     max_minutes: float = 0.0
     """Stop training after this many minutes (0 = no limit); the best checkpoint is kept."""
     patience: int = 5
@@ -75,7 +88,9 @@ class Config:
     lr_patience: int = 2
     """ReduceLROnPlateau: epochs without improvement before the rate is multiplied by lr_factor."""
     lr_factor: float = 0.3
+    """ReduceLROnPlateau multiplies the learning rate by this when validation loss stalls."""
     label_smoothing: float = 0.0
+    """Label smoothing of the training targets (0 = off, hard labels)."""
 
     # --- backbone ----------------------------------------------------------------------------
     freeze_cnn: bool = False
@@ -83,50 +98,62 @@ class Config:
     fine_tune_layers: int = 0
     """With freeze_cnn: leave the last k DenseNet stages trainable (1 = denseblock4 + norm5,
     2 adds transition3 + denseblock3, ..., 5 = everything)."""
-    backbone_weights: str = "file"
+    backbone_weights: Literal["file", "imagenet", "none"] = "file"
     """'file': load ``pretrained_path`` (CheXNet, torchvision or chexformer format), warn if it
     is missing; 'imagenet': torchvision's ImageNet weights (needs internet once); 'none'."""
     pretrained_path: str = "pretrained/model.pth.tar"
+    """Backbone weights file read when backbone_weights is 'file'."""
     trust_checkpoint: bool = False
     """Allow full unpickling of ``pretrained_path`` (only for files from a source you trust)."""
 
     # --- data --------------------------------------------------------------------------------
     data_dir: str = "data"
+    """Data set root with ``train/`` and ``test/`` (optionally ``val/``), one sub-folder per class."""
     out_dir: str = "runs/chexformer"
+    """Run folder: checkpoints, logs, resolved config.yaml, results and report."""
     patient_regex: str = DEFAULT_PATIENT_REGEX
     """Regular expression whose first non-empty group (or whole match) is the patient id."""
     keep_aspect: bool = False
     """Resize keeping the aspect ratio and pad to a square, instead of stretching."""
     augment: bool = True
+    """Random affine and brightness/contrast jitter on training images (never flips)."""
     rotation_deg: float = 7.0
+    """Largest random rotation in degrees (augmentation)."""
     translate: float = 0.06
+    """Largest random shift as a fraction of the image side (augmentation)."""
     scale_min: float = 0.9
+    """Smallest random zoom factor (augmentation)."""
     scale_max: float = 1.1
+    """Largest random zoom factor (augmentation)."""
     brightness: float = 0.15
+    """Brightness jitter strength (augmentation)."""
     contrast: float = 0.15
+    """Contrast jitter strength (augmentation)."""
     acquisition_aug: float = 0.0
     """Probability of each random acquisition change in training (resolution loss, blur, gamma,
     noise, JPEG; see chexformer.shifts); 0 turns them off."""
     acquisition_strength: float = 1.0
     """Largest strength of those changes, as a multiple of the robustness suite's moderate severity."""
-    intensity: str = "stretch"
+    intensity: Literal["stretch", "equalize"] = "stretch"
     """After the intensity rule (percentiles -> 0..255), 'stretch' keeps it; 'equalize' adds global
     histogram equalisation (invariant to any monotone contrast curve)."""
     ema_decay: float = 0.0
     """Exponential moving average of the weights (e.g. 0.999), validated and saved instead of the
     raw weights; 0 turns it off."""
-    class_weighting: str = "pos_weight"
+    class_weighting: Literal["pos_weight", "sampler", "none"] = "pos_weight"
     """'pos_weight' (loss weights from training counts), 'sampler' (balanced sampling), 'none'."""
     strict: bool = False
     """Treat unreadable images as an error instead of skipping and reporting them."""
     num_workers: int = 2
-    preload: str = "auto"
+    """DataLoader worker processes (0 = load in the main process)."""
+    preload: Literal["auto", "on", "off"] = "auto"
     """Decode and resize every image once and keep the uint8 tensors in memory: 'auto' (when
     the dataset fits in ``preload_max_gb``), 'on', 'off'."""
     preload_max_gb: float = 4.0
+    """Memory limit for preload 'auto', in GiB of decoded uint8 images."""
 
     # --- fast frozen path --------------------------------------------------------------------
-    cache_features: str = "auto"
+    cache_features: Literal["auto", "memory", "disk", "off"] = "auto"
     """Backbone feature cache when the backbone is fully frozen: 'auto' (memory), 'memory',
     'disk', 'off'."""
     cache_views: int = 4
@@ -135,22 +162,31 @@ class Config:
     """Where the disk cache lives; default ``OUT_DIR/feature_cache``."""
 
     # --- evaluation ----------------------------------------------------------------------------
-    threshold_method: str = "shift_robust"
+    threshold_method: Literal["shift_robust", "youden", "sensitivity"] = "shift_robust"
     """How the operating threshold stored in best.ckpt is chosen on validation after training:
     'shift_robust' (maximal Youden J averaged over validation clean and under the 24 shifts of the
     robustness suite), 'youden' (clean validation only) or 'sensitivity' (target_sensitivity)."""
     target_sensitivity: float = 0.95
+    """Sensitivity the 'sensitivity' threshold method aims for on validation."""
 
     # --- runtime -----------------------------------------------------------------------------
     seed: int = 42
-    accelerator: str = "auto"
+    """Seed for the patient split, weight initialisation, augmentation and data order."""
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    """Lightning accelerator; 'auto' picks CUDA when available, else the CPU."""
     devices: str = "auto"
+    """Lightning devices: 'auto', a count ('2') or a comma-separated list of indices ('0,1')."""
     num_nodes: int = 1
+    """Machines taking part in distributed training."""
     strategy: str = "auto"
-    precision: str = "auto"
-    """'auto' (bf16-mixed where the CPU or GPU supports it, else 32), '32', 'bf16-mixed', '16-mixed'."""
+    """Lightning strategy: 'auto', 'ddp', 'ddp_spawn', 'fsdp', ..."""
+    precision: Literal["auto", "32", "bf16-mixed", "16-mixed", "bf16-true"] = "auto"
+    """'auto' (bf16-mixed where the CPU or GPU supports it, else 32), '32', 'bf16-mixed', '16-mixed',
+    'bf16-true'."""
     channels_last: bool = True
+    """Channels-last memory format for the backbone (faster convolutions on most hardware)."""
     compile: bool = False
+    """torch.compile the backbone and encoder layers (slow first steps, faster later ones)."""
     log_images_every: int = 5
     """Write feature and attention maps to TensorBoard every this many epochs (0 = never)."""
 
@@ -192,21 +228,12 @@ class Config:
         need(not (self.fine_tune_layers > 0 and not self.freeze_cnn),
              f"fine_tune_layers={self.fine_tune_layers} only applies with freeze_cnn=true "
              "(with freeze_cnn=false the whole backbone already trains)")
-        need(self.arch in ("hybrid", "linear"), f"arch must be 'hybrid' or 'linear', got {self.arch!r}")
-        need(self.backbone_weights in ("file", "imagenet", "none"),
-             f"backbone_weights must be 'file', 'imagenet' or 'none', got {self.backbone_weights!r}")
-        need(self.class_weighting in ("pos_weight", "sampler", "none"),
-             f"class_weighting must be 'pos_weight', 'sampler' or 'none', got {self.class_weighting!r}")
-        need(self.cache_features in ("auto", "memory", "disk", "off"),
-             f"cache_features must be 'auto', 'memory', 'disk' or 'off', got {self.cache_features!r}")
+        for name, allowed in field_choices().items():  # the Literal fields
+            value = getattr(self, name)
+            need(value in allowed, f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         need(self.cache_views >= 1, f"cache_views must be >= 1, got {self.cache_views}")
-        need(self.preload in ("auto", "on", "off"), f"preload must be 'auto', 'on' or 'off', got {self.preload!r}")
-        need(self.threshold_method in ("shift_robust", "youden", "sensitivity"),
-             f"threshold_method must be 'shift_robust', 'youden' or 'sensitivity', got {self.threshold_method!r}")
         need(0.0 < self.target_sensitivity <= 1.0,
              f"target_sensitivity must lie in (0, 1], got {self.target_sensitivity}")
-        need(self.precision in ("auto", "32", "bf16-mixed", "16-mixed", "bf16-true"),
-             f"precision must be 'auto', '32', 'bf16-mixed', '16-mixed' or 'bf16-true', got {self.precision!r}")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         need(self.num_nodes >= 1, f"num_nodes must be >= 1, got {self.num_nodes}")
         need(0.0 <= self.rotation_deg <= 30.0, f"rotation_deg must lie in [0, 30], got {self.rotation_deg}")
@@ -218,8 +245,6 @@ class Config:
         need(0.0 <= self.acquisition_aug <= 1.0, f"acquisition_aug must lie in [0, 1], got {self.acquisition_aug}")
         need(0.0 < self.acquisition_strength <= 2.0,
              f"acquisition_strength must lie in (0, 2], got {self.acquisition_strength}")
-        need(self.intensity in ("stretch", "equalize"),
-             f"intensity must be 'stretch' or 'equalize', got {self.intensity!r}")
         need(self.ema_decay == 0.0 or 0.5 <= self.ema_decay < 1.0,
              f"ema_decay must be 0 (off) or lie in [0.5, 1), got {self.ema_decay}")
         try:
@@ -263,19 +288,55 @@ class Config:
         """A validated copy with some fields changed."""
         return Config.from_dict({**self.to_dict(), **changes})
 
+    def to_yaml(self) -> str:
+        """The config as YAML, fields in declaration order (what :meth:`save` writes)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        path.write_text(self.to_yaml())
 
 
-def _field_type(cls: type, name: str) -> type:
-    return typing.get_type_hints(cls)[name]
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    """Config's field types, resolved once (``from __future__ import annotations`` leaves strings)."""
+    return typing.get_type_hints(Config)
 
 
-def _close_matches(name: str, known: dict) -> str:
-    import difflib
+def _field_type(cls: type, name: str) -> Any:
+    return _type_hints()[name] if cls is Config else typing.get_type_hints(cls)[name]
 
+
+def field_choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of each enumeration (``Literal[...]``) field, by field name."""
+    return {name: typing.get_args(typ) for name, typ in _type_hints().items() if typing.get_origin(typ) is Literal}
+
+
+@functools.cache
+def _field_docs() -> dict[str, str]:
+    try:
+        tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
+    except (OSError, SyntaxError):  # no source shipped: options keep their default and choices only
+        return {}
+    body = next(node.body for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Config")
+    docs = {}
+    for stmt, after in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[stmt.target.id] = " ".join(after.value.value.replace("``", "").split())
+    return docs
+
+
+def field_docs() -> dict[str, str]:
+    """Each field's docstring (the string literal under it in :class:`Config`), on one line.
+
+    Read from this module's source with ``ast`` once per process; ``--help`` shows them.
+    """
+    return dict(_field_docs())
+
+
+def _close_matches(name: str, known) -> str:
     return ", ".join(difflib.get_close_matches(name, list(known), n=2))
 
 
@@ -285,6 +346,15 @@ _FALSE = {"false", "no", "0", "off"}
 
 def _coerce(value: Any, typ: type, name: str) -> Any:
     """Convert ``value`` (from YAML or a command-line string) to ``typ`` or raise ConfigError."""
+    if typing.get_origin(typ) is Literal:
+        allowed = typing.get_args(typ)
+        # YAML reads `precision: 32` as an int; the allowed values are strings.
+        text = str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+        if text in allowed:
+            return text
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{name}: expected one of {', '.join(allowed)}, got {value!r}{hint}")
     try:
         if typ is bool:
             if isinstance(value, bool):
@@ -339,20 +409,35 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config FILE`` and one ``--field-name VALUE`` option per config field."""
+    """Add ``--config FILE`` and one ``--field-name VALUE`` option per config field.
+
+    Each option's help is the field's docstring and its default; an enumeration shows its
+    allowed values as the metavar. The values stay strings here: :func:`load_config` coerces and
+    validates them with the YAML file's rules, so both report errors the same way.
+    """
     parser.add_argument("--config", metavar="FILE", help="YAML file with config fields")
     group = parser.add_argument_group("config fields (override the YAML file)")
-    hints = typing.get_type_hints(Config)
+    hints, docs, choices = _type_hints(), _field_docs(), field_choices()
     for f in fields(Config):
-        typ = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.name in choices:
+            metavar = "{" + ",".join(choices[f.name]) + "}"
+        else:
+            metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(hints[f.name], "STR")
+        text = f"{docs.get(f.name, '')} (default: {_show(f.default)})".strip()
         group.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f"cfg__{f.name}",
-            metavar={bool: "BOOL", int: "INT", float: "FLOAT"}.get(typ, "STR"),
+            metavar=metavar,
             default=None,
-            help=f"(default: {default!r})",
+            help=text.replace("%", "%%"),  # argparse %-formats help strings
         )
+
+
+def _show(value: Any) -> str:
+    """A default as it is written on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if value != "" else "''"
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:

@@ -49,7 +49,9 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ChexFormerModule", "XrayDataModule", "train", "RunExistsError", "finalize_best"]
 
-GUARD_MAX_TRAIN_IMAGES = 2000
+GUARD_MAX_TRAIN_IMAGES = 1000
+MIN_GUARD_IMAGES = 20
+"""Fewer training or validation images than this: no guard (logged, and summary.json says so)."""
 
 
 class RunExistsError(FileExistsError):
@@ -229,7 +231,7 @@ def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path) 
     """After training, with the best checkpoint: score validation clean, under the robustness
     suite and with TTA; store in the checkpoint the operating threshold of ``cfg.threshold_method``
     (for 'shift_robust': maximal mean Youden J over the clean and the 24 shifted copies), the
-    threshold for TTA and the out-of-population guard (fitted on up to 2,000 training images,
+    threshold for TTA and the out-of-population guard (fitted on up to 1,000 training images,
     thresholded on validation); write ``OUT/validation_shift_suite.json``. Returns the suite's table."""
     start = time.perf_counter()
     predictor = Predictor.from_checkpoint(best, device=str(default_device(cfg.accelerator)), precision=cfg.precision)
@@ -246,11 +248,18 @@ def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path) 
     tta_prob = np.concatenate([predictor.predict_images(images[i:i + 32], tta=True) for i in range(0, len(images), 32)])
     tta_threshold = robust_threshold(y, {"clean": tta_prob}) if cfg.threshold_method == "shift_robust" else \
         float(metrics.choose_threshold(y, tta_prob, cfg.threshold_method, cfg.target_sensitivity))
-    step = max(1, len(train_images) // GUARD_MAX_TRAIN_IMAGES)
-    guard = fit_guard(predictor, [train_images.uint8(i) for i in range(0, len(train_images), step)], images)
+    guard = None
+    if len(train_images) >= MIN_GUARD_IMAGES and len(images) >= MIN_GUARD_IMAGES:
+        step = max(1, len(train_images) // GUARD_MAX_TRAIN_IMAGES)
+        guard = fit_guard(predictor, [train_images.uint8(i) for i in range(0, len(train_images), step)], images)
+    else:
+        log.warning("out-of-population guard NOT fitted: it needs at least %d training and %d validation images "
+                    "(got %d and %d); predictions will carry no ood_score", MIN_GUARD_IMAGES, MIN_GUARD_IMAGES,
+                    len(train_images), len(images))
     table = suite_table(y, probs, threshold)
     table.update({"method": cfg.threshold_method, "youden_clean": youden, "shift_robust": robust,
-                  "tta_threshold": tta_threshold, "seconds": round(time.perf_counter() - start, 1)})
+                  "tta_threshold": tta_threshold, "guard_fitted": guard is not None,
+                  "seconds": round(time.perf_counter() - start, 1)})
     obj = read_checkpoint_file(best)
     obj["chexformer"]["threshold"] = threshold
     obj["chexformer"].setdefault("extra", {}).update({

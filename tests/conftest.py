@@ -1,7 +1,6 @@
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -41,29 +40,11 @@ def write_checkpoint(path: Path, cfg: Config, class_names=("NORMAL", "PNEUMONIA"
     return path
 
 
-def write_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2", **attrs) -> Path:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+def write_dicom(*args, **kwargs):
+    """A minimal DICOM file (see bench/format_probe.py, which the benchmark and the tests share)."""
+    import sys
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    frames = pixels.shape[0] if pixels.ndim == 3 else 1
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    sys.path.insert(0, str(REPO / "bench"))
+    from format_probe import write_dicom as _write
+
+    return _write(*args, **kwargs)

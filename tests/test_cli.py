@@ -8,11 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from chexformer import Config
 from chexformer.checkpoint import load_checkpoint
-from chexformer.cli import main
+from chexformer.cli import DEMO_OVERRIDES, build_parser, main
+from chexformer.config import load_config
 from chexformer.synthetic import make_synthetic_dataset
 
 from .conftest import write_checkpoint
@@ -33,13 +35,89 @@ def test_help_from_console_script_and_module(cmd):
     for sub in ("train", "evaluate", "explain", "predict", "export", "demo"):
         assert sub in out
     out = subprocess.run([*cmd, "train", "--help"], capture_output=True, text=True, check=True).stdout
-    assert "--img-size" in out and "--freeze-cnn" in out and "--resume" in out
+    assert "--img-size" in out and "--freeze-cnn" in out and "--resume" in out and "--print-config" in out
+    text = " ".join(out.split())
+    assert "Square input side in pixels; a multiple of 32" in text and "(default: 224)" in text
+    assert "--precision {auto,32,bf16-mixed,16-mixed,bf16-true}" in text
+
+
+def test_building_the_parser_imports_no_torch():
+    """--help must answer at once: the parser is built without torch, numpy or Lightning."""
+    code = ("import sys, chexformer.cli; chexformer.cli.build_parser(); "
+            "heavy = {'torch', 'numpy', 'lightning', 'torchvision'} & set(sys.modules); assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["train", "--img-szie", "64"], "unrecognized arguments: --img-szie 64 (did you mean --img-size?)"),
+    (["summary", "--fine-tune-layres=2"], "did you mean --fine-tune-layers?"),
+    (["trian"], "invalid choice: 'trian'"),
+    (["export", "--checkpoint", "c", "--output", "o", "--format", "onnxx"], "(did you mean onnx?)"),
+])
+def test_misspelt_option_or_command_gets_a_suggestion(argv, hint, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and hint in err, err
+    if argv[0] == "train":
+        assert err.startswith("usage: chexformer train")  # the subcommand's usage, not the top level's
+    if argv == ["trian"]:
+        assert "(did you mean train?)" in err
+
+
+def test_verbose_before_or_after_the_command():
+    parser = build_parser()
+    assert parser.parse_args(["-v", "train"]).verbose is True
+    assert parser.parse_args(["train", "-v"]).verbose is True
+    assert parser.parse_args(["summary", "--verbose", "--img-size", "64"]).verbose is True
+    assert parser.parse_args(["train"]).verbose is False
+
+
+def test_bad_enumeration_value_is_one_clear_message(caplog):
+    assert main(["summary", "--threshold-method", "youdn"]) == 2
+    assert "threshold_method: expected one of shift_robust, youden, sensitivity, got 'youdn'" in caplog.text
+    assert "did you mean 'youden'?" in caplog.text
+
+
+def test_print_config_shows_the_resolved_config_and_does_not_train(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("img_size: 128\nbatch_size: 4\nprecision: 32\n")
+    out_dir = tmp_path / "run"
+    assert main(["train", "--print-config", "--config", str(path), "--img-size", "96", "--out-dir", str(out_dir)]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    expected = load_config(path, {"img_size": "96", "out_dir": str(out_dir)})
+    assert printed == expected.to_dict() and Config.from_dict(printed) == expected
+    assert (printed["img_size"], printed["batch_size"], printed["precision"]) == (96, 4, "32")
+    assert not out_dir.exists()
+    # demo: its small model and data paths, nothing generated
+    assert main(["demo", "--print-config", "--out-dir", str(out_dir), "--epochs", "2"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["epochs"] == 2 and printed["d_model"] == DEMO_OVERRIDES["d_model"]
+    assert printed["data_dir"] == str(out_dir / "demo-data") and not out_dir.exists()
 
 
 def test_summary_with_seed_defaults(capsys):
     assert main(["summary"]) == 0
     out = capsys.readouterr().out
     assert "(1, 1024, 7, 7)" in out and "49 tokens" in out and "logits (1, 1)" in out
+    lines = out.splitlines()
+    assert len(lines) < 40
+    for stage in ("conv0", "denseblock1", "transition3", "denseblock4", "norm5", "proj", "layers.0", "layers.1",
+                  "head"):
+        assert stage in out, stage
+    row = next(line for line in lines if "backbone.denseblock4" in line)
+    assert "(1, 1024, 7, 7)" in row and "2,158,080" in row and row.endswith("yes")
+    assert "parameters: 8,284,545 trainable, 0 frozen" in out and "backbone weights: random initialisation" in out
+
+
+def test_summary_of_a_frozen_linear_baseline(capsys):
+    assert main(["summary", "--arch", "linear", "--img-size", "64", "--freeze-cnn", "true",
+                 "--fine-tune-layers", "1", "--backbone-weights", "none"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("LinearHeadDenseNet") and len(out.splitlines()) < 40
+    assert next(line for line in out.splitlines() if "denseblock3" in line).endswith("frozen")
+    assert next(line for line in out.splitlines() if "denseblock4" in line).endswith("yes")
+    assert "global average pool" in out and "logits (1, 1)" in out
 
 
 def test_summary_loads_a_chexnet_file_through_pretrained_path(tmp_path, capsys):

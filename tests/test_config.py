@@ -1,9 +1,18 @@
 import argparse
+from dataclasses import fields
 
 import pytest
 import yaml
 
-from chexformer.config import Config, ConfigError, add_config_arguments, config_from_args, load_config
+from chexformer.config import (
+    Config,
+    ConfigError,
+    add_config_arguments,
+    config_from_args,
+    field_choices,
+    field_docs,
+    load_config,
+)
 
 SEED_FIELDS = ["img_size", "batch_size", "validation_split", "d_model", "num_heads", "ffn_dim", "num_layers",
                "init_lr", "epochs", "min_lr", "patience", "dropout_rate", "freeze_cnn", "fine_tune_layers"]
@@ -18,11 +27,13 @@ def test_every_seed_parameter_is_a_field():
 
 
 def test_yaml_round_trip(tmp_path):
-    cfg = Config(img_size=128, d_model=64, num_heads=4, freeze_cnn=True, fine_tune_layers=2, init_lr=3e-4)
+    cfg = Config(img_size=128, d_model=64, num_heads=4, freeze_cnn=True, fine_tune_layers=2, init_lr=3e-4,
+                 threshold_method="youden", precision="32", intensity="equalize")
     path = tmp_path / "run" / "config.yaml"
     cfg.save(path)
     assert load_config(path) == cfg
     assert yaml.safe_load(path.read_text())["img_size"] == 128
+    assert yaml.safe_load(cfg.to_yaml()) == cfg.to_dict()
 
 
 def test_command_line_overrides_yaml(tmp_path):
@@ -84,3 +95,47 @@ def test_bool_and_int_coercion():
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/config.yaml")
+
+
+def test_every_field_has_a_docstring_and_the_option_help_shows_it():
+    docs = field_docs()
+    assert [f.name for f in fields(Config) if not docs.get(f.name)] == []
+    assert docs["img_size"].startswith("Square input side in pixels")
+    assert "\n" not in docs["min_val_per_class"] and "``" not in docs["validation_split"]
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    text = " ".join(parser.format_help().split())
+    assert "--img-size INT Square input side in pixels; a multiple of 32" in text and "(default: 224)" in text
+    assert "--threshold-method {shift_robust,youden,sensitivity} How the operating threshold" in text
+    assert "(default: shift_robust)" in text and "--freeze-cnn BOOL" in text and "(default: false)" in text
+    assert "--batch-size INT Images per training step" in text
+
+
+def test_enumeration_fields_are_literals():
+    choices = field_choices()
+    assert choices["threshold_method"] == ("shift_robust", "youden", "sensitivity")
+    assert choices["intensity"] == ("stretch", "equalize")
+    assert {"arch", "backbone_weights", "class_weighting", "preload", "cache_features", "precision",
+            "accelerator"} <= set(choices)
+    for name, allowed in choices.items():
+        assert getattr(Config(), name) in allowed, name
+
+
+def test_literal_coercion():
+    assert Config.from_dict({"precision": 32}).precision == "32"  # YAML reads `precision: 32` as an int
+    with pytest.raises(ConfigError) as err:
+        Config.from_dict({"threshold_method": "youdn"})
+    assert ("threshold_method: expected one of shift_robust, youden, sensitivity, got 'youdn' "
+            "(did you mean 'youden'?)") in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        Config.from_dict({"arch": "transformer"})
+    assert "arch: expected one of hybrid, linear, got 'transformer'" in str(err.value)
+    assert "did you mean" not in str(err.value)
+    for bad in (True, None, ["hybrid"]):
+        with pytest.raises(ConfigError, match="arch: expected one of"):
+            Config.from_dict({"arch": bad})
+
+
+def test_validate_checks_enumerations_of_a_directly_built_config():
+    with pytest.raises(ConfigError, match="intensity must be one of stretch, equalize, got 'gamma'"):
+        Config(intensity="gamma").validate()

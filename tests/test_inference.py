@@ -4,6 +4,7 @@ padding and threshold, --device, the shared CSV schema."""
 from __future__ import annotations
 
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,10 @@ from chexformer.cli import main
 from chexformer.inference import Predictor, tta_views
 from chexformer.synthetic import make_synthetic_dataset
 
-from .conftest import SHARED_DATA, write_checkpoint, write_dicom
+from .conftest import REPO, SHARED_DATA, write_checkpoint
+
+sys.path.insert(0, str(REPO / "bench"))
+from format_probe import write_every_format  # noqa: E402  (the benchmark's own encoder of nine formats)
 
 TINY = Config(img_size=64, d_model=32, num_heads=4, ffn_dim=64, num_layers=1, precision="32")
 RAW = SHARED_DATA / "raw-samples"
@@ -39,26 +43,8 @@ def _radiograph() -> np.ndarray:
     return synthetic_image(np.random.default_rng(0), 256, opacity=True)[0]
 
 
-def _every_format(v8: np.ndarray, folder: Path) -> dict[str, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    v16 = v8.astype(np.uint16) * 257
-    v12 = np.rint(v8.astype(np.float64) * 4095 / 255).astype(np.uint16)
-    out = {"png8": folder / "a.png", "png16": folder / "a16.png", "png12": folder / "a12.png",
-           "tiff16": folder / "a16.tif", "jpeg": folder / "a.jpeg"}
-    Image.fromarray(v8).save(out["png8"])
-    Image.fromarray(v16).save(out["png16"])
-    Image.fromarray(v12).save(out["png12"])
-    Image.fromarray(v16).save(out["tiff16"])
-    Image.fromarray(v8).save(out["jpeg"], quality=95)
-    out["dicom_mono2"] = write_dicom(folder / "m2.dcm", v12)
-    out["dicom_mono1"] = write_dicom(folder / "m1.dcm", (4095 - v12).astype(np.uint16), "MONOCHROME1")
-    out["dicom_window"] = write_dicom(folder / "w.dcm", v12, WindowCenter=2047.5, WindowWidth=4096)
-    out["dicom_rescaled"] = write_dicom(folder / "r.dcm", v12, RescaleSlope=2, RescaleIntercept=-1024)
-    return out
-
-
 def test_same_picture_scores_the_same_in_every_format(ckpt, tmp_path):
-    files = _every_format(_radiograph(), tmp_path / "formats")
+    files = write_every_format(_radiograph(), tmp_path / "formats")
     pred = Predictor.from_checkpoint(ckpt, device="cpu", precision="32")
     results = pred.predict_files(list(files.values()))
     assert all(r.error is None for r in results), [r.error for r in results]
