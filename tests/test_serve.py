@@ -140,7 +140,7 @@ def test_browser_upload_shows_probability_and_heatmaps(served):
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
             page = browser.new_page()
-            page.set_default_timeout(60_000)
+            page.set_default_timeout(180_000)  # generous: a loaded 2-core CI machine
             page.goto(server.url + "/")
             page.locator("#upload input[type=file]").set_input_files(str(png))
             box = page.locator("#probability textarea, #probability input").first
