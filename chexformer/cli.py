@@ -145,9 +145,9 @@ def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N] (default: auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "32", "bf16-mixed", "16-mixed"],
                    help="auto: bf16 where the CPU/GPU computes it natively, else fp32 (default: auto)")
-    p.add_argument("--backend", default="auto", choices=["auto", "eager", "jit"],
-                   help="auto: TorchScript trace+freeze on CPU when it matches eager fp32 within 1e-3 in "
-                        "probability, else eager PyTorch (default: auto)")
+    p.add_argument("--backend", default="eager", choices=["eager", "jit", "auto"],
+                   help="eager PyTorch (default); jit: TorchScript trace+freeze (CPU), faster per batch but slower "
+                        "to start; auto: jit on CPU when it matches eager fp32 within 1e-3 on a probe batch")
 
 
 _CONFIG_USAGE = "[--config FILE] [--FIELD-NAME VALUE ...]"

@@ -68,7 +68,7 @@ def evaluate_checkpoint(
     n_errors: int = 12,
     device: str = "auto",
     precision: str = "auto",
-    backend: str = "auto",
+    backend: str = "eager",
     shift_suite: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on ``data_dir`` (one sub-folder per class); return metrics.json's content.
