@@ -67,7 +67,7 @@ def evaluate_checkpoint(
     n_explain: int = 2,
     n_errors: int = 12,
     device: str = "auto",
-    precision: str = "auto",
+    precision: str = "32",
     backend: str = "eager",
     shift_suite: bool = False,
 ) -> dict[str, Any]:

@@ -89,7 +89,7 @@ class Predictor:
     """A trained model ready to score images; build it with :meth:`from_checkpoint`."""
 
     def __init__(self, model: torch.nn.Module, meta: CheckpointMeta, *, device: str = "auto",
-                 precision: str = "auto", backend: str = "eager", batch_size: int = 32) -> None:
+                 precision: str = "32", backend: str = "eager", batch_size: int = 32) -> None:
         self.meta = meta
         self.cfg = meta.config
         self.device = resolve_device(device)
@@ -112,7 +112,7 @@ class Predictor:
             self._use_jit(batch_size, required=backend == "jit")
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, *, device: str = "auto", precision: str = "auto",
+    def from_checkpoint(cls, path: str | os.PathLike, *, device: str = "auto", precision: str = "32",
                         backend: str = "eager", batch_size: int = 32) -> Predictor:
         """Load a chexformer checkpoint (trained on any device) onto ``device``.
 

@@ -58,7 +58,7 @@ def prediction_row(p: Prediction, class_names: Sequence[str]) -> dict[str, Any]:
 
 
 def predict_paths(checkpoint: str | Path, paths: Sequence[str | Path], output: str | Path | None = None, *,
-                  batch_size: int = 32, tta: bool = False, device: str = "auto", precision: str = "auto",
+                  batch_size: int = 32, tta: bool = False, device: str = "auto", precision: str = "32",
                   backend: str = "eager", progress: bool = True) -> list[Prediction]:
     """Predict every image under ``paths``; write ``output`` (CSV) if given; return the predictions."""
     predictor = Predictor.from_checkpoint(checkpoint, device=device, precision=precision, backend=backend,

@@ -118,7 +118,7 @@ def _pct(v: Any) -> str:
 class Service:
     """A checkpoint loaded once, with its guard, model card and a limit on concurrent inference."""
 
-    def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", *, precision: str = "auto",
+    def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", *, precision: str = "32",
                  max_concurrent: int = 1) -> None:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")

@@ -234,7 +234,7 @@ def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path) 
     threshold for TTA and the out-of-population guard (fitted on up to 1,000 training images,
     thresholded on validation); write ``OUT/validation_shift_suite.json``. Returns the suite's table."""
     start = time.perf_counter()
-    predictor = Predictor.from_checkpoint(best, device=str(default_device(cfg.accelerator)), precision=cfg.precision)
+    predictor = Predictor.from_checkpoint(best, device=str(default_device(cfg.accelerator)))  # fp32, as inference
     y = np.array([s.label for s in val_images.samples])
     logits = shift_suite_logits(predictor, val_images, seed=cfg.seed)
     probs = {k: predictor.probabilities(v) for k, v in logits.items()}
