@@ -189,6 +189,10 @@ class Config:
     """torch.compile the backbone and encoder layers (slow first steps, faster later ones)."""
     log_images_every: int = 5
     """Write feature and attention maps to TensorBoard every this many epochs (0 = never)."""
+    logger: Literal["tensorboard", "csv", "mlflow"] = "tensorboard"
+    """Where metrics and hyperparameters go: 'tensorboard' (OUT/tensorboard), 'csv' (OUT/csv/metrics.csv)
+    or 'mlflow' (a local OUT/mlruns store, no server; needs pip install mlflow). history.csv is
+    written in every case."""
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> None:

@@ -28,12 +28,12 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from chexformer import metrics
 from chexformer.callbacks import EMA, HistoryCSV, RankAgreement
-from chexformer.config import Config
+from chexformer.config import Config, ConfigError
 from chexformer.data.datamodule import XrayDataModule
 from chexformer.data.scan import write_split_csv
 from chexformer.evaluate import evaluate_checkpoint
@@ -170,6 +170,23 @@ def build_module(cfg: Config, dm: XrayDataModule, run: RunFolder, precision: str
     return module, weights_report
 
 
+def build_logger(cfg: Config, out: Path):
+    """Lightning's logger of ``cfg.logger``, with the resolved config recorded as hyperparameters."""
+    if cfg.logger == "csv":
+        logger = CSVLogger(save_dir=str(out), name="csv", version="")
+    elif cfg.logger == "mlflow":
+        try:
+            import mlflow  # noqa: F401  (local: optional dependency, checked before Lightning needs it)
+        except ImportError:
+            raise ConfigError("logger: 'mlflow' needs the mlflow package: pip install mlflow") from None
+        logger = MLFlowLogger(experiment_name="chexformer", run_name=out.name,
+                              tracking_uri=(out / "mlruns").resolve().as_uri())
+    else:
+        logger = TensorBoardLogger(save_dir=str(out), name="tensorboard", version="", default_hp_metric=False)
+    logger.log_hyperparams(cfg.to_dict())
+    return logger
+
+
 def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: str, precision: str,
                   cached: bool) -> tuple[L.Trainer, ModelCheckpoint]:
     """The Lightning Trainer with its callbacks and TensorBoard logger; also returns the callback
@@ -194,7 +211,7 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
     ]
     if cfg.ema_decay > 0:
         callbacks.insert(0, EMA(cfg.ema_decay))
-    logger = TensorBoardLogger(save_dir=str(run.out), name="tensorboard", version="", default_hp_metric=False)
+    logger = build_logger(cfg, run.out)
     steps_per_epoch = max(1, -(-len(dm.train_set) // cfg.batch_size))
     trainer = L.Trainer(
         max_epochs=cfg.epochs,

@@ -63,6 +63,8 @@ def test_short_run_writes_every_file(tiny_data, tmp_path):
     assert any(t.startswith("lr-") for t in tags["scalars"])
     assert any(t.startswith("gradients/") for t in tags["histograms"])
     assert {"inputs", "feature_maps", "attention_last_layer"} <= set(tags["images"])
+    hparams = __import__("yaml").safe_load((out / "tensorboard" / "hparams.yaml").read_text())
+    assert hparams["img_size"] == 64 and hparams["logger"] == "tensorboard"  # the run's config, not empty
     # every history row belongs to its epoch: the same numbers TensorBoard has for that epoch
     import csv
 
@@ -83,6 +85,29 @@ def test_short_run_writes_every_file(tiny_data, tmp_path):
     # a second run into the same folder does not overwrite it
     with pytest.raises(RunExistsError):
         train(_cfg(tiny_data, out))
+
+
+def test_csv_logger_records_metrics_and_hyperparameters(tiny_data, tmp_path):
+    import csv
+
+    out = tmp_path / "csvrun"
+    train(_cfg(tiny_data, out, epochs=1, logger="csv"))
+    rows = list(csv.DictReader((out / "csv" / "metrics.csv").open()))
+    assert any(r.get("val_loss") for r in rows) and any(r.get("train_loss") for r in rows)
+    assert __import__("yaml").safe_load((out / "csv" / "hparams.yaml").read_text())["logger"] == "csv"
+    assert not (out / "tensorboard").exists() and (out / "history.csv").is_file()
+
+
+def test_mlflow_logger_without_mlflow_is_one_clear_error(tiny_data, tmp_path):
+    try:
+        import mlflow  # noqa: F401
+        pytest.skip("mlflow is installed")
+    except ImportError:
+        pass
+    from chexformer.config import ConfigError
+
+    with pytest.raises(ConfigError, match="pip install mlflow"):
+        train(_cfg(tiny_data, tmp_path / "ml", epochs=1, logger="mlflow"))
 
 
 def test_missing_data_folder_explains_the_layout(tmp_path):
