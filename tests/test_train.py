@@ -293,3 +293,50 @@ def test_one_epoch_on_a_patient_grouped_subset_of_real_data(tmp_path):
     for r in rows:
         sides.setdefault(r["patient"], set()).add(r["split"])
     assert all(len(v) == 1 for v in sides.values()), "a patient straddles the split"
+
+
+def test_optimizer_groups_scale_the_backbone_and_leave_frozen_parameters_out():
+    from chexformer.model import build_model
+    from chexformer.module import ChexFormerModule
+
+    cfg = Config(**{**TINY, "freeze_cnn": True, "fine_tune_layers": 1, "init_lr": 1e-3, "backbone_lr_scale": 0.1})
+    module = ChexFormerModule(cfg, ["NORMAL", "PNEUMONIA"], build_model(cfg))
+    opt = module.configure_optimizers()["optimizer"]
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["head"]["lr"] == pytest.approx(1e-3) and groups["backbone"]["lr"] == pytest.approx(1e-4)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    frozen = [p for p in module.model.parameters() if not p.requires_grad]
+    assert frozen and not any(id(p) in in_opt for p in frozen)
+    trainable = [p for p in module.model.parameters() if p.requires_grad]
+    assert all(id(p) in in_opt for p in trainable)
+    backbone_ids = {id(p) for p in groups["backbone"]["params"]}
+    assert backbone_ids == {id(p) for p in module.model.backbone.denseblock4.parameters()} | {
+        id(p) for p in module.model.backbone.norm5.parameters()}
+
+
+def test_sampler_balances_the_classes(tmp_path):
+    root = tmp_path / "d"
+    make_synthetic_dataset(root, n_per_class=12, img_size=64, seed=5, splits=("train",))
+    for f in sorted((root / "train" / "NORMAL").iterdir())[:8]:  # make NORMAL the minority (4 vs 12)
+        f.unlink()
+    dm = XrayDataModule(_cfg(root, tmp_path / "o", class_weighting="sampler", validation_split=0.25))
+    dm.setup()
+    loader = dm.train_dataloader()
+    assert isinstance(loader.sampler, torch.utils.data.WeightedRandomSampler)
+    torch.manual_seed(0)
+    labels = [dm.train_samples[i].label for _ in range(50) for i in loader.sampler]
+    share = sum(labels) / len(labels)
+    assert 0.4 < share < 0.6  # about half and half, against 0.75 positives in the data
+
+
+def test_best_checkpoint_metadata_belongs_to_the_best_epoch(tiny_data, tmp_path):
+    import csv
+
+    out = tmp_path / "best"
+    train(_cfg(tiny_data, out, epochs=3, patience=10))
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    best_epoch = min(rows, key=lambda r: float(r["val_loss"]))["epoch"]
+    _, meta = load_checkpoint(out / "checkpoints" / "best.ckpt")
+    assert meta.epoch == int(best_epoch)
+    _, last = load_checkpoint(out / "checkpoints" / "last.ckpt")
+    assert last.epoch == 2
