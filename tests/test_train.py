@@ -340,3 +340,28 @@ def test_best_checkpoint_metadata_belongs_to_the_best_epoch(tiny_data, tmp_path)
     assert meta.epoch == int(best_epoch)
     _, last = load_checkpoint(out / "checkpoints" / "last.ckpt")
     assert last.epoch == 2
+
+
+def test_three_class_training_end_to_end(tmp_path):
+    import shutil
+
+    root = make_synthetic_dataset(tmp_path / "d3", n_per_class=12, img_size=64, seed=6)
+    other = make_synthetic_dataset(tmp_path / "extra", n_per_class=12, img_size=64, seed=7)
+    for split in ("train", "test"):
+        (root / split / "OTHER").mkdir()
+        for f in (other / split / "NORMAL").iterdir():
+            shutil.copy(f, root / split / "OTHER" / f"other-{f.name}")
+    out = tmp_path / "run3"
+    # the copied class reuses the synthetic patient ids of another data set: they only coincide
+    summary = train(_cfg(root, out, epochs=1, validation_split=0.3, allow_patient_overlap=True))
+    assert summary["class_names"] == ["NORMAL", "OTHER", "PNEUMONIA"]
+    model, meta = load_checkpoint(out / "checkpoints" / "best.ckpt")
+    with torch.no_grad():
+        assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+    metrics = json.loads((out / "results" / "metrics.json").read_text())
+    assert metrics["task"] == "multiclass" and len(metrics["confusion_matrix"]) == 3
+
+
+def test_max_minutes_stops_training_early(tiny_data, tmp_path):
+    summary = train(_cfg(tiny_data, tmp_path / "short", epochs=50, patience=50, max_minutes=0.005))
+    assert summary["epochs_run"] < 50 and (tmp_path / "short" / "checkpoints" / "best.ckpt").is_file()
