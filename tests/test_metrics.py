@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -166,13 +165,14 @@ def test_resample_weights_keep_patients_intact():
     assert (W[:, [1, 0, 3]].sum(axis=1) == 3).all()
 
 
-def test_bootstrap_is_fast():
+def test_bootstrap_with_many_groups_gives_intervals_around_the_estimate():
+    # was a wall-clock limit (speed belongs in benchmarks); now a contract that can fail
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 1000)
-    p = rng.random(1000)
-    start = time.perf_counter()
-    M.bootstrap_ci(y, p, 0.5, groups=rng.integers(0, 400, 1000), n_boot=1000)
-    assert time.perf_counter() - start < 3.0
+    p = np.clip(y * 0.3 + rng.random(1000) * 0.7, 0, 1)
+    out = M.bootstrap_ci(y, p, 0.5, groups=rng.integers(0, 400, 1000), n_boot=1000)
+    auc = out["roc_auc"]
+    assert auc["ci95"][0] < auc["value"] < auc["ci95"][1] and auc["ci95"][1] - auc["ci95"][0] < 0.1
 
 
 def _calibrated_logits(n=4000, seed=0):

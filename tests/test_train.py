@@ -365,3 +365,25 @@ def test_three_class_training_end_to_end(tmp_path):
 def test_max_minutes_stops_training_early(tiny_data, tmp_path):
     summary = train(_cfg(tiny_data, tmp_path / "short", epochs=50, patience=50, max_minutes=0.005))
     assert summary["epochs_run"] < 50 and (tmp_path / "short" / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_feature_cache_key_changes_with_files_weights_and_precision(tiny_data, tmp_path):
+    import dataclasses
+    import json as _json
+
+    from chexformer.data import scan_folder
+    from chexformer.data.cache import cache_key
+    from chexformer.model import build_model
+
+    samples = scan_folder(tiny_data / "train").samples
+    model = build_model(_cfg(tiny_data, "x", freeze_cnn=True))
+    desc = _json.dumps({"img_size": 64, "precision": "32"})
+    key = cache_key(samples, model.backbone, desc, 1)
+    assert cache_key(samples, model.backbone, desc, 1) == key  # stable
+    changed = [dataclasses.replace(samples[0], digest="0" * 32), *samples[1:]]  # a file's content changed
+    assert cache_key(changed, model.backbone, desc, 1) != key
+    with torch.no_grad():
+        model.backbone.conv0.weight[0, 0, 0, 0] += 1.0  # the weights changed
+    assert cache_key(samples, model.backbone, desc, 1) != key
+    key_w = cache_key(samples, model.backbone, desc, 1)
+    assert cache_key(samples, model.backbone, _json.dumps({"img_size": 64, "precision": "bf16-mixed"}), 1) != key_w
