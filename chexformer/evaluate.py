@@ -29,6 +29,7 @@ from chexformer.explain import explain_batch
 from chexformer.inference import Predictor
 from chexformer.predict import prediction_columns
 from chexformer.robustness import format_table, shift_suite_logits, suite_table
+from chexformer.synthetic import is_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ def evaluate_checkpoint(
                 f"{100 * (1 - predictor.guard.quantile):.0f} % "
                 "of images like the validation set are). The metrics below may not describe this model's "
                 "behaviour on such data.")
-    if meta.extra.get("data", {}).get("synthetic") or "demo-data" in str(data_dir):
+    if meta.extra.get("data", {}).get("synthetic") or is_synthetic(data_dir):
         warnings.append("This is the synthetic demo data set: a pipeline check, not a medical result.")
     if binary:
         results["ece_uncalibrated"] = metrics.expected_calibration_error(y, raw)

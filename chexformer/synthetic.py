@@ -23,9 +23,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-__all__ = ["make_synthetic_dataset", "synthetic_image", "CLASS_NAMES"]
+__all__ = ["make_synthetic_dataset", "synthetic_image", "is_synthetic", "CLASS_NAMES", "SYNTHETIC_MARKER"]
 
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
+SYNTHETIC_MARKER = "SYNTHETIC.txt"
+"""Written at the root of every generated data set; reports and model cards look for it."""
+
+
+def is_synthetic(folder: str | os.PathLike) -> bool:
+    """True for a data set written by :func:`make_synthetic_dataset` (its root or a split folder)."""
+    folder = Path(folder)
+    return (folder / SYNTHETIC_MARKER).is_file() or (folder.parent / SYNTHETIC_MARKER).is_file()
 
 
 @dataclass
@@ -262,4 +270,7 @@ def make_synthetic_dataset(
                     next_image += 1
                     Image.fromarray(pixels, "L").save(folder / file)
                     written += 1
+    (root / SYNTHETIC_MARKER).write_text(
+        "Synthetic chest-radiograph-like images made by chexformer.synthetic.make_synthetic_dataset:\n"
+        "a pipeline check, not medical data.\n")
     return root

@@ -144,7 +144,7 @@ def test_evaluate_report_has_suite_operating_points_errors_and_card(ckpt, tmp_pa
     assert all(r["tp"] + r["fn"] == 5 and r["tn"] + r["fp"] == 5 for r in table)
     html = (out / "report.html").read_text()
     for section in ("Robustness suite", "Operating points", "Model card", "Not a medical device",
-                    "Reliability before calibration"):
+                    "Reliability before calibration", "synthetic demo data set"):
         assert section in html, section
     n_errors = sum(r["fn"] + r["fp"] for r in table if r["chosen"])
     pngs = sorted((out / "errors").glob("*.png")) if n_errors else []

@@ -34,6 +34,7 @@ from chexformer.data.scan import (
 )
 from chexformer.model import num_logits
 from chexformer.runtime import autocast_dtype, default_device
+from chexformer.synthetic import is_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ class XrayDataModule(L.LightningDataModule):
         return {
             "class_names": self.class_names,
             "val_source": self.val_source,
+            "synthetic": is_synthetic(self.cfg.data_dir),
             "shared_patients": self.shared_patients,
             "splits": {k: describe(v, self.class_names) for k, v in splits.items()},
             "skipped": [[str(p), r] for p, r in self.skipped],
