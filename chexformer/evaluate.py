@@ -86,7 +86,8 @@ def evaluate_checkpoint(
     cfg = meta.config
     scan = data.scan_folder(Path(data_dir), meta.class_names, strict=strict, patient_regex=cfg.patient_regex)
     samples = scan.samples
-    dataset = data.XrayDataset(samples, cfg.img_size, cfg.keep_aspect, predictor.transform)
+    # decoded once, here: the logits, the guard, the shift suite and the explanation panels reuse it
+    dataset = data.XrayDataset(samples, cfg.img_size, cfg.keep_aspect, predictor.transform, preload=True)
     suite_logits = None
     if shift_suite:
         suite_logits = shift_suite_logits(predictor, dataset, batch_size=batch_size, seed=cfg.seed)
@@ -164,7 +165,7 @@ def evaluate_checkpoint(
         figs["confusion_matrix"] = plots.plot_confusion_matrix(
             results["confusion_matrix"], meta.class_names, plot_dir / "confusion_matrix.png")
     figs.update(_explanation_plots(model, meta, dataset, keep, y, prob, plot_dir, n_explain))
-    errors = _error_review(predictor, [samples[i] for i in keep], y, prob, threshold, out / "errors",
+    errors = _error_review(predictor, dataset, keep, y, prob, threshold, out / "errors",
                            n_errors) if binary else []
 
     summary = dict(data_summary or meta.extra.get("data") or {})
@@ -204,10 +205,11 @@ def threshold_table(y: np.ndarray, prob: np.ndarray, chosen: float) -> list[dict
     return rows
 
 
-def _error_review(predictor: Predictor, samples, y: np.ndarray, prob: np.ndarray, threshold: float, out: Path,
-                  limit: int) -> list[dict[str, Any]]:
+def _error_review(predictor: Predictor, dataset: data.XrayDataset, keep: list[int], y: np.ndarray, prob: np.ndarray,
+                  threshold: float, out: Path, limit: int) -> list[dict[str, Any]]:
     """Every false negative and false positive (up to ``limit`` each, most confident first) with its
-    Grad-CAM overlay on the original image (``out/*.png``) and the raw map (``out/*.npy``)."""
+    Grad-CAM overlay on the original image (``out/*.png``) and the raw map (``out/*.npy``). The model
+    sees the evaluated (preloaded) pixels; only the full-resolution display image is decoded again."""
     names = predictor.meta.class_names
     pred = prob >= threshold
     fn = [i for i in np.argsort(prob) if y[i] == 1 and not pred[i]][:limit]  # lowest P first
@@ -218,8 +220,8 @@ def _error_review(predictor: Predictor, samples, y: np.ndarray, prob: np.ndarray
     rows = []
     for kind, picks in (("false negative", fn), ("false positive", fp)):
         for rank, i in enumerate(picks):
-            s = samples[i]
-            img = predictor.load(s.path)
+            s = dataset.samples[keep[i]]
+            img = dataset.uint8(keep[i])
             res = explain_batch(predictor.model, predictor.to_input([img]).to(predictor.device), predictor.meta)
             cam = res["gradcam"][0].float().cpu().numpy()
             original = data.load_image(s.path)

@@ -239,10 +239,10 @@ class Predictor:
     def predict_images(self, images: Sequence[torch.Tensor], tta: bool = False, batch_size: int = 64) -> np.ndarray:
         """uint8 images -> calibrated probabilities; with ``tta`` the logits of the views are averaged."""
         if not tta:
-            return self.probabilities(self.logits(self.to_input(images), batch_size))
+            return self.probabilities(self.image_logits(images, batch_size))
         views = [tta_views(img) for img in images]
         n_views = len(views[0])
-        flat = self.logits(self.to_input([v for vs in views for v in vs]), batch_size)
+        flat = self.image_logits([v for vs in views for v in vs], batch_size)
         return self.probabilities(flat.reshape(len(images), n_views, -1).mean(1))
 
     def predict_files(self, paths: Sequence[str | os.PathLike], *, batch_size: int = 32, tta: bool = False,
@@ -293,14 +293,16 @@ class Predictor:
         return Prediction(path, probs, label, self.threshold(tta))
 
     # --- datasets --------------------------------------------------------------------------------
+    def image_logits(self, images: Sequence[torch.Tensor], batch_size: int = 64) -> torch.Tensor:
+        """Steps 2-3 for uint8 images (3, S, S), a batch at a time: logits (N, 1) or (N, C)."""
+        out = [self.logits(self.to_input(images[i:i + batch_size]), batch_size)
+               for i in range(0, len(images), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, self.meta.num_outputs)
+
     def dataset_logits(self, dataset: data.XrayDataset, batch_size: int = 64) -> torch.Tensor:
         """Logits for every item of an :class:`~chexformer.data.XrayDataset` (its uint8 images
         through this predictor's transform), in order."""
-        out = []
-        for start in range(0, len(dataset), batch_size):
-            imgs = [dataset.uint8(i) for i in range(start, min(len(dataset), start + batch_size))]
-            out.append(self.logits(self.to_input(imgs), batch_size))
-        return torch.cat(out) if out else torch.empty(0, 1)
+        return self.image_logits([dataset.uint8(i) for i in range(len(dataset))], batch_size)
 
 
 class _onednn_fusion:

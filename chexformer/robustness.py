@@ -53,9 +53,7 @@ def shift_suite_logits(predictor: Predictor, dataset: data.XrayDataset, batch_si
 
 
 def _logits(predictor: Predictor, images: list[torch.Tensor], batch_size: int) -> np.ndarray:
-    chunks = [predictor.logits(predictor.to_input(images[i:i + batch_size]), batch_size)
-              for i in range(0, len(images), batch_size)]
-    lg = torch.cat(chunks).numpy().astype(np.float64)
+    lg = predictor.image_logits(images, batch_size).numpy().astype(np.float64)
     return lg[:, 0] if lg.shape[1] == 1 else lg
 
 
