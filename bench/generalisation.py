@@ -15,7 +15,9 @@ specificity at that threshold, the threshold itself, and minutes.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -63,6 +65,9 @@ def row(out: Path) -> dict | None:
     suite = json.loads(suite_file.read_text())
     summary = json.loads(summary_file.read_text())
     clean = suite["rows"]["clean"]
+    history = list(csv.DictReader((out / "history.csv").open())) if (out / "history.csv").is_file() else []
+    epoch_cuts = [float(h["threshold"]) for h in history if h.get("threshold")]
+    best = min(history, key=lambda h: float(h["val_loss"]))["epoch"] if history else "?"
     return {
         "run": out.name, "val_auc": clean["roc_auc"], "val_sens": clean["sensitivity"],
         "val_spec": clean["specificity"], "suite_mean_auc": suite["mean"]["roc_auc"],
@@ -70,17 +75,42 @@ def row(out: Path) -> dict | None:
         "suite_worst_spec": suite["worst"]["specificity"], "suite_mean_sens": suite["mean"]["sensitivity"],
         "threshold": suite["threshold"], "youden_clean": suite["youden_clean"],
         "minutes": summary.get("seconds", float("nan")) / 60, "epochs": summary.get("epochs_run"),
+        "best_epoch": best,
+        # the per-epoch clean Youden cut (history.csv) that round 1 stored: how far it wanders
+        "epoch_youden": f"{min(epoch_cuts):.2f}-{max(epoch_cuts):.2f}" if epoch_cuts else "?",
     }
+
+
+SPREAD_COLS = ["threshold", "youden_clean", "val_auc", "val_sens", "val_spec", "suite_mean_auc", "suite_worst_auc",
+               "suite_mean_spec", "suite_worst_spec", "minutes"]
 
 
 def table(out: Path) -> str:
     rows = [r for d in sorted(out.iterdir()) if d.is_dir() and (r := row(d))]
     cols = ["run", "val_auc", "val_sens", "val_spec", "suite_mean_auc", "suite_worst_auc", "suite_mean_sens",
-            "suite_mean_spec", "suite_worst_spec", "threshold", "youden_clean", "epochs", "minutes"]
+            "suite_mean_spec", "suite_worst_spec", "threshold", "youden_clean", "epoch_youden", "best_epoch",
+            "epochs", "minutes"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(r[c] if isinstance(r[c], str) else f"{r[c]:.3f}" if isinstance(r[c], float)
                                        else str(r[c]) for c in cols) + " |")
+    return "\n".join(lines) + spread(rows)
+
+
+def spread(rows: list[dict]) -> str:
+    """Across the seeds of each variant (runs named ``<variant>-s<seed>``): mean, sd and range."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        if "-s" in r["run"]:
+            groups.setdefault(r["run"].rsplit("-s", 1)[0], []).append(r)
+    lines = []
+    for variant, rs in groups.items():
+        if len(rs) < 2:
+            continue
+        lines.append(f"\n{variant}: {len(rs)} seeds (mean, sd, min-max)")
+        for c in SPREAD_COLS:
+            v = [r[c] for r in rs]
+            lines.append(f"  {c:<17} {statistics.mean(v):.3f}  sd {statistics.stdev(v):.3f}  {min(v):.3f}-{max(v):.3f}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,75 @@
+"""How stable is the shift-robust threshold across epochs? Re-derive it for other checkpoints of a run.
+
+    python bench/threshold_epochs.py --runs runs/recipe-s42 runs/recipe-s1 runs/recipe-s2
+
+Training stores the shift-robust threshold of the best checkpoint only. For each run this
+re-scores the run's own validation images (``RUN/split.csv``) clean and under the 24 shifts of the
+robustness suite with ``best.ckpt`` and ``final.ckpt`` (the last epoch), and prints, per
+checkpoint, the threshold the shift-robust rule would store, the clean-Youden cut, and the
+suite's worst-case specificity at the shift-robust cut. The epoch each checkpoint comes from is
+read from the checkpoint (0-based, as in ``history.csv``). fp32 on the CPU, as ``chexformer predict``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def val_dataset(run: Path, img_size: int, keep_aspect: bool):
+    from chexformer.data import Sample, XrayDataset
+
+    with (run / "split.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["split"] == "val"]
+    samples = [Sample(Path(r["path"]), int(r["label"]), r["patient"]) for r in rows]
+    return XrayDataset(samples, img_size, keep_aspect, preload=True)
+
+
+def measure(ckpt: Path, run: Path) -> dict:
+    from chexformer import metrics
+    from chexformer.inference import Predictor
+    from chexformer.robustness import robust_threshold, shift_suite_logits, suite_table
+
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu")
+    dataset = val_dataset(run, predictor.img_size, predictor.cfg.keep_aspect)
+    y = np.array(dataset.labels)
+    logits = shift_suite_logits(predictor, dataset, seed=predictor.cfg.seed)
+    probs = {k: predictor.probabilities(v) for k, v in logits.items()}
+    robust = robust_threshold(y, probs)
+    table = suite_table(y, probs, robust)
+    # Lightning stores the 0-based epoch in checkpoints written during training; final.ckpt is written
+    # after fit, when the counter has already moved past the last epoch
+    epoch = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] - (ckpt.stem == "final")
+    return {"run": run.name, "checkpoint": ckpt.name, "epoch": epoch, "shift_robust": robust,
+            "youden_clean": float(metrics.choose_threshold(y, probs["clean"], "youden")),
+            "val_auc": table["rows"]["clean"]["roc_auc"], "worst_spec": table["worst"]["specificity"],
+            "worst_auc": table["worst"]["roc_auc"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=Path, nargs="+", required=True)
+    p.add_argument("--checkpoints", nargs="+", default=["best", "final"])
+    p.add_argument("--output", type=Path, help="also write the rows as JSON here")
+    a = p.parse_args()
+    rows = [measure(run / "checkpoints" / f"{name}.ckpt", run) for run in a.runs for name in a.checkpoints]
+    print("| run | checkpoint | epoch | shift-robust cut | clean-Youden cut | val AUC | suite worst AUC | suite worst spec |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['run']} | {r['checkpoint']} | {r['epoch']} | {r['shift_robust']:.3f} | {r['youden_clean']:.3f} | "
+              f"{r['val_auc']:.3f} | {r['worst_auc']:.3f} | {r['worst_spec']:.3f} |")
+    cuts = [r["shift_robust"] for r in rows]
+    youden = [r["youden_clean"] for r in rows]
+    print(f"shift-robust cut over {len(cuts)} checkpoints: {min(cuts):.3f}-{max(cuts):.3f} (sd {np.std(cuts, ddof=1):.3f}); "
+          f"clean Youden: {min(youden):.3f}-{max(youden):.3f} (sd {np.std(youden, ddof=1):.3f})")
+    if a.output:
+        a.output.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
