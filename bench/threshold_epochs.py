@@ -57,12 +57,15 @@ def main() -> None:
     p.add_argument("--checkpoints", nargs="+", default=["best", "final"])
     p.add_argument("--output", type=Path, help="also write the rows as JSON here")
     a = p.parse_args()
-    rows = [measure(run / "checkpoints" / f"{name}.ckpt", run) for run in a.runs for name in a.checkpoints]
     print("| run | checkpoint | epoch | shift-robust cut | clean-Youden cut | val AUC | suite worst AUC | suite worst spec |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['run']} | {r['checkpoint']} | {r['epoch']} | {r['shift_robust']:.3f} | {r['youden_clean']:.3f} | "
-              f"{r['val_auc']:.3f} | {r['worst_auc']:.3f} | {r['worst_spec']:.3f} |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    rows = []
+    for run in a.runs:
+        for name in a.checkpoints:
+            r = measure(run / "checkpoints" / f"{name}.ckpt", run)
+            rows.append(r)
+            print(f"| {r['run']} | {r['checkpoint']} | {r['epoch']} | {r['shift_robust']:.3f} | {r['youden_clean']:.3f} | "
+                  f"{r['val_auc']:.3f} | {r['worst_auc']:.3f} | {r['worst_spec']:.3f} |", flush=True)
     cuts = [r["shift_robust"] for r in rows]
     youden = [r["youden_clean"] for r in rows]
     print(f"shift-robust cut over {len(cuts)} checkpoints: {min(cuts):.3f}-{max(cuts):.3f} (sd {np.std(cuts, ddof=1):.3f}); "
