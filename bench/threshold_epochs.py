@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 
 def val_dataset(run: Path, img_size: int, keep_aspect: bool):
@@ -42,9 +41,7 @@ def measure(ckpt: Path, run: Path) -> dict:
     probs = {k: predictor.probabilities(v) for k, v in logits.items()}
     robust = robust_threshold(y, probs)
     table = suite_table(y, probs, robust)
-    # Lightning stores the 0-based epoch in checkpoints written during training; final.ckpt is written
-    # after fit, when the counter has already moved past the last epoch
-    epoch = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] - (ckpt.stem == "final")
+    epoch = predictor.meta.epoch  # the epoch whose validation the weights and calibration come from
     return {"run": run.name, "checkpoint": ckpt.name, "epoch": epoch, "shift_robust": robust,
             "youden_clean": float(metrics.choose_threshold(y, probs["clean"], "youden")),
             "val_auc": table["rows"]["clean"]["roc_auc"], "worst_spec": table["worst"]["specificity"],

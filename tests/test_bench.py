@@ -81,3 +81,30 @@ def test_ablation_tiny_writes_rows_and_skips_them_on_restart(tiny_xrays, tmp_pat
     assert "skip linear seed 0" in proc.stderr and "skip hybrid1 seed 0" in proc.stderr
     with (out / "ablation.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 2
+
+
+def test_generalisation_report_and_threshold_epochs_on_two_tiny_seeds(tmp_path):
+    """The seed-spread report reads real run folders, and threshold_epochs re-derives exactly the
+    shift-robust cut that training stored in best.ckpt (same rule, same images, same shifts)."""
+    from chexformer import Config
+    from chexformer.train import train
+
+    data = tmp_path / "data"
+    make_synthetic_dataset(data, n_per_class=16, img_size=64, seed=0, splits=("train",))
+    runs = tmp_path / "runs"
+    tiny = dict(img_size=64, d_model=32, num_heads=4, ffn_dim=64, num_layers=1, batch_size=16, epochs=1,
+                backbone_weights="none", num_workers=0, precision="32", log_images_every=0)
+    for seed in (0, 1):
+        train(Config(**tiny, data_dir=str(data), out_dir=str(runs / f"tiny-s{seed}"), seed=seed))
+    proc = _run(["bench/generalisation.py", "--report", "--out-dir", str(runs)])
+    assert "| tiny-s0 |" in proc.stdout and "| tiny-s1 |" in proc.stdout
+    assert "tiny: 2 seeds (mean, sd, min-max)" in proc.stdout
+    stored = [json.loads((runs / f"tiny-s{s}" / "validation_shift_suite.json").read_text())["threshold"] for s in (0, 1)]
+    spread_line = next(line for line in proc.stdout.splitlines() if line.strip().startswith("threshold "))
+    assert f"{min(stored):.3f}-{max(stored):.3f}" in spread_line
+    out = tmp_path / "cuts.json"
+    _run(["bench/threshold_epochs.py", "--runs", str(runs / "tiny-s0"), "--checkpoints", "best", "final",
+          "--output", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["checkpoint"] for r in rows] == ["best.ckpt", "final.ckpt"] and rows[0]["epoch"] == 0
+    assert rows[0]["shift_robust"] == pytest.approx(stored[0], abs=1e-9)
