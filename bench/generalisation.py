@@ -9,7 +9,11 @@ Each variant is ``configs/kermany.yaml`` plus the overrides in :data:`VARIANTS`,
 ``OUT/<variant>-s<seed>/``. A finished run is reused, so the command can be re-run to extend a
 table. ``--report`` only prints the table of what exists. Columns: validation AUC and
 sensitivity/specificity at the stored threshold (clean), the suite's mean and worst-case AUC and
-specificity at that threshold, the threshold itself, and minutes.
+specificity at that threshold, the threshold itself, the clean-Youden cut of the same checkpoint
+and its range over the run's epochs (``history.csv``), the best epoch (lowest validation loss),
+epochs run and minutes. Variants with several seeds also get a spread (mean, sd, range); the
+report reads any folder of run folders named ``<variant>-s<seed>`` (``--out-dir runs`` for the
+recipe's ``runs/recipe-s42``, ``-s1``, ``-s2``).
 """
 
 from __future__ import annotations

@@ -13,39 +13,37 @@ read from the checkpoint (0-based, as in ``history.csv``). fp32 on the CPU, as `
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 
-def val_dataset(run: Path, img_size: int, keep_aspect: bool):
-    from chexformer.data import Sample, XrayDataset
-
-    with (run / "split.csv").open() as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "val"]
-    samples = [Sample(Path(r["path"]), int(r["label"]), r["patient"]) for r in rows]
-    return XrayDataset(samples, img_size, keep_aspect, preload=True)
-
-
-def measure(ckpt: Path, run: Path) -> dict:
+def measure_run(run: Path, checkpoints: list[str]) -> Iterator[dict]:
+    """One row per checkpoint of ``run``; the validation images are decoded once for all of them."""
     from chexformer import metrics
+    from chexformer.data import XrayDataset, read_split_csv
     from chexformer.inference import Predictor
     from chexformer.robustness import robust_threshold, shift_suite_logits, suite_table
 
-    predictor = Predictor.from_checkpoint(ckpt, device="cpu")
-    dataset = val_dataset(run, predictor.img_size, predictor.cfg.keep_aspect)
-    y = np.array(dataset.labels)
-    logits = shift_suite_logits(predictor, dataset, seed=predictor.cfg.seed)
-    probs = {k: predictor.probabilities(v) for k, v in logits.items()}
-    robust = robust_threshold(y, probs)
-    table = suite_table(y, probs, robust)
-    epoch = predictor.meta.epoch  # the epoch whose validation the weights and calibration come from
-    return {"run": run.name, "checkpoint": ckpt.name, "epoch": epoch, "shift_robust": robust,
-            "youden_clean": float(metrics.choose_threshold(y, probs["clean"], "youden")),
-            "val_auc": table["rows"]["clean"]["roc_auc"], "worst_spec": table["worst"]["specificity"],
-            "worst_auc": table["worst"]["roc_auc"]}
+    dataset = None
+    for name in checkpoints:
+        predictor = Predictor.from_checkpoint(run / "checkpoints" / f"{name}.ckpt", device="cpu")
+        if dataset is None:  # every checkpoint of a run shares its config (image size, aspect)
+            dataset = XrayDataset(read_split_csv(run / "split.csv", "val"), predictor.img_size,
+                                  predictor.cfg.keep_aspect, preload=True)
+        y = np.array(dataset.labels)
+        logits = shift_suite_logits(predictor, dataset, seed=predictor.cfg.seed)
+        probs = {k: predictor.probabilities(v) for k, v in logits.items()}
+        robust = robust_threshold(y, probs)
+        table = suite_table(y, probs, robust)
+        yield {"run": run.name, "checkpoint": f"{name}.ckpt",
+               "epoch": predictor.meta.epoch,  # the epoch whose validation the weights and calibration come from
+               "shift_robust": robust,
+               "youden_clean": float(metrics.choose_threshold(y, probs["clean"], "youden")),
+               "val_auc": table["rows"]["clean"]["roc_auc"], "worst_spec": table["worst"]["specificity"],
+               "worst_auc": table["worst"]["roc_auc"]}
 
 
 def main() -> None:
@@ -54,19 +52,22 @@ def main() -> None:
     p.add_argument("--checkpoints", nargs="+", default=["best", "final"])
     p.add_argument("--output", type=Path, help="also write the rows as JSON here")
     a = p.parse_args()
-    print("| run | checkpoint | epoch | shift-robust cut | clean-Youden cut | val AUC | suite worst AUC | suite worst spec |")
+    print("| run | checkpoint | epoch | shift-robust cut | clean-Youden cut | val AUC | suite worst AUC "
+          "| suite worst spec |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for run in a.runs:
-        for name in a.checkpoints:
-            r = measure(run / "checkpoints" / f"{name}.ckpt", run)
+        for r in measure_run(run, a.checkpoints):
             rows.append(r)
-            print(f"| {r['run']} | {r['checkpoint']} | {r['epoch']} | {r['shift_robust']:.3f} | {r['youden_clean']:.3f} | "
-                  f"{r['val_auc']:.3f} | {r['worst_auc']:.3f} | {r['worst_spec']:.3f} |", flush=True)
+            print(f"| {r['run']} | {r['checkpoint']} | {r['epoch']} | {r['shift_robust']:.3f} | "
+                  f"{r['youden_clean']:.3f} | {r['val_auc']:.3f} | {r['worst_auc']:.3f} | {r['worst_spec']:.3f} |",
+                  flush=True)
     cuts = [r["shift_robust"] for r in rows]
     youden = [r["youden_clean"] for r in rows]
-    print(f"shift-robust cut over {len(cuts)} checkpoints: {min(cuts):.3f}-{max(cuts):.3f} (sd {np.std(cuts, ddof=1):.3f}); "
-          f"clean Youden: {min(youden):.3f}-{max(youden):.3f} (sd {np.std(youden, ddof=1):.3f})")
+    if len(rows) > 1:
+        print(f"shift-robust cut over {len(cuts)} checkpoints: {min(cuts):.3f}-{max(cuts):.3f} "
+              f"(sd {np.std(cuts, ddof=1):.3f}); clean Youden: {min(youden):.3f}-{max(youden):.3f} "
+              f"(sd {np.std(youden, ddof=1):.3f})")
     if a.output:
         a.output.write_text(json.dumps(rows, indent=2))
 

@@ -99,7 +99,8 @@ def test_generalisation_report_and_threshold_epochs_on_two_tiny_seeds(tmp_path):
     proc = _run(["bench/generalisation.py", "--report", "--out-dir", str(runs)])
     assert "| tiny-s0 |" in proc.stdout and "| tiny-s1 |" in proc.stdout
     assert "tiny: 2 seeds (mean, sd, min-max)" in proc.stdout
-    stored = [json.loads((runs / f"tiny-s{s}" / "validation_shift_suite.json").read_text())["threshold"] for s in (0, 1)]
+    stored = [json.loads((runs / f"tiny-s{s}" / "validation_shift_suite.json").read_text())["threshold"]
+              for s in (0, 1)]
     spread_line = next(line for line in proc.stdout.splitlines() if line.strip().startswith("threshold "))
     assert f"{min(stored):.3f}-{max(stored):.3f}" in spread_line
     out = tmp_path / "cuts.json"

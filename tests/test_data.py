@@ -29,6 +29,7 @@ from chexformer.data import (
     describe,
     load_image,
     patient_id,
+    read_split_csv,
     resize_image,
     scan_folder,
     split_by_patient,
@@ -396,6 +397,10 @@ def test_write_split_csv_and_describe(tmp_path):
     assert lines[0] == "path,label,class_name,patient,split"
     assert len(lines) == 1 + len(samples) + 3
     assert lines[-1].endswith(",test") and ",NORMAL," in lines[1] + lines[-1]
+    # read back: each side's paths, labels and patients, in order (digests are not written)
+    for side, part in (("train", train), ("val", val), ("test", samples[:3])):
+        back = read_split_csv(tmp_path / "out" / "split.csv", side)
+        assert [(s.path, s.label, s.group) for s in back] == [(s.path, s.label, s.group) for s in part], side
     info = describe(samples, ["NORMAL", "PNEUMONIA"])
     assert info["images"] == len(samples) and info["patients"] == 150
     assert sum(info["per_class"].values()) == len(samples)

@@ -31,6 +31,7 @@ from chexformer.data.scan import (
     describe,
     find_images,
     patient_id,
+    read_split_csv,
     scan_folder,
     shared_patients,
     split_by_patient,
@@ -59,5 +60,6 @@ __all__ = [
     "shared_patients",
     "split_by_patient",
     "standardize_intensity",
+    "read_split_csv",
     "write_split_csv",
 ]

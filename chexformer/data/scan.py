@@ -49,6 +49,7 @@ __all__ = [
     "scan_folder",
     "shared_patients",
     "split_by_patient",
+    "read_split_csv",
     "write_split_csv",
 ]
 
@@ -494,6 +495,14 @@ def write_split_csv(
         for split, part in (("train", train), ("val", val), ("test", test or [])):
             for s in part:
                 writer.writerow([str(s.path), s.label, class_names[s.label], s.group, split])
+
+
+def read_split_csv(path: str | os.PathLike, split: str) -> list[Sample]:
+    """The samples of one side (``train``, ``val`` or ``test``) of a ``split.csv`` written by
+    :func:`write_split_csv`, in file order."""
+    with Path(path).open(newline="") as fh:
+        return [Sample(Path(r["path"]), int(r["label"]), r["patient"])
+                for r in csv.DictReader(fh) if r["split"] == split]
 
 
 def shared_patients(splits: dict[str, Sequence[Sample]], patient_regex: str = DEFAULT_PATIENT_REGEX,
