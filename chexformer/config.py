@@ -84,7 +84,13 @@ class Config:
     max_minutes: float = 0.0
     """Stop training after this many minutes (0 = no limit); the best checkpoint is kept."""
     patience: int = 5
-    """Early stopping: epochs without a lower validation loss before training stops."""
+    """Early stopping: epochs without a lower validation loss before training stops (only with
+    ``checkpoint_selection: val_loss``)."""
+    checkpoint_selection: Literal["val_loss", "last"] = "val_loss"
+    """Which weights become ``best.ckpt``, the model the run hands out: 'val_loss' = the epoch
+    with the lowest validation loss (training stops early after ``patience`` epochs without a
+    lower one); 'last' = the weights at the end of the fixed ``epochs`` budget, no early stopping
+    (the lowest-loss epoch is still kept as ``lowest_val_loss.ckpt``, for comparison)."""
     lr_patience: int = 2
     """ReduceLROnPlateau: epochs without improvement before the rate is multiplied by lr_factor."""
     lr_factor: float = 0.3

@@ -3,12 +3,13 @@
 In: a :class:`~chexformer.config.Config` whose ``data_dir`` holds ``train/`` (optionally ``val/``
 and ``test/``, see :data:`~chexformer.data.scan.LAYOUT`). Out: the run folder ``OUT/``
 (``cfg.out_dir``), which holds ``config.yaml`` (resolved), ``split.csv``,
-``checkpoints/best.ckpt`` (lowest validation loss, then finalised with the operating threshold,
-the TTA threshold and the out-of-population guard), ``checkpoints/last.ckpt`` (every epoch, for
-``--resume``), ``checkpoints/final.ckpt`` (the weights training ended with), ``tensorboard/``,
-``history.csv``, ``validation_shift_suite.json``, ``results/`` (evaluation on ``test/``) and
-``summary.json``. Checkpoints are written atomically (temporary file, then rename), so a kill at
-any moment leaves the previous complete file in place.
+``checkpoints/best.ckpt`` (the selected weights, by ``cfg.checkpoint_selection``: lowest
+validation loss, or the end of the epoch budget with ``lowest_val_loss.ckpt`` beside it; then
+finalised with the operating threshold, the TTA threshold and the out-of-population guard),
+``checkpoints/last.ckpt`` (every epoch, for ``--resume``), ``checkpoints/final.ckpt`` (the weights
+training ended with), ``tensorboard/``, ``history.csv``, ``validation_shift_suite.json``,
+``results/`` (evaluation on ``test/``) and ``summary.json``. Checkpoints are written atomically
+(temporary file, then rename), so a kill at any moment leaves the previous complete file in place.
 
 The pieces live elsewhere: the data in :mod:`chexformer.data.datamodule`, the LightningModule in
 :mod:`chexformer.module`, the callbacks in :mod:`chexformer.callbacks`.
@@ -191,9 +192,11 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
                   cached: bool) -> tuple[L.Trainer, ModelCheckpoint]:
     """The Lightning Trainer with its callbacks and TensorBoard logger; also returns the callback
     that keeps ``best.ckpt``."""
+    by_loss = cfg.checkpoint_selection == "val_loss"
+    # 'last' monitors the epoch number (highest wins), which keeps its state key apart from last.ckpt's
     best = ModelCheckpoint(
-        dirpath=run.checkpoints, filename="best", monitor="val_loss", mode="min", save_top_k=1,
-        auto_insert_metric_name=False, enable_version_counter=False,
+        dirpath=run.checkpoints, filename="best", monitor="val_loss" if by_loss else "epoch",
+        mode="min" if by_loss else "max", save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False,
     )
     # A separate callback for last.ckpt: Lightning's save_last only writes it in epochs that also
     # improved the monitored metric, and a resume must lose at most the epoch in progress.
@@ -204,11 +207,17 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
     callbacks = [
         best,
         last,
-        EarlyStopping(monitor="val_loss", mode="min", patience=cfg.patience),
         LearningRateMonitor(logging_interval="epoch"),
         HistoryCSV(run.history),
         RankAgreement(),
     ]
+    if by_loss:
+        callbacks.insert(2, EarlyStopping(monitor="val_loss", mode="min", patience=cfg.patience))
+    else:  # the model is the end of the budget; the lowest-loss epoch is kept for comparison
+        callbacks.insert(2, ModelCheckpoint(
+            dirpath=run.checkpoints, filename="lowest_val_loss", monitor="val_loss", mode="min", save_top_k=1,
+            auto_insert_metric_name=False, enable_version_counter=False,
+        ))
     if cfg.ema_decay > 0:
         callbacks.insert(0, EMA(cfg.ema_decay))
     logger = build_logger(cfg, run.out)
@@ -306,7 +315,9 @@ def run_summary(cfg: Config, dm: XrayDataModule, run: RunFolder, trainer: L.Trai
         "feature_cache": cached,
         "epochs_run": trainer.current_epoch,
         "best_checkpoint": str(run.best),
-        "best_val_loss": _float(best.best_model_score),
+        "checkpoint_selection": cfg.checkpoint_selection,
+        "best_val_loss": _float(best.best_model_score if best.monitor == "val_loss"
+                                 else trainer.callback_metrics.get("val_loss")),
         "world_size": trainer.world_size,
     }
     if suite is not None:

@@ -342,6 +342,21 @@ def test_best_checkpoint_metadata_belongs_to_the_best_epoch(tiny_data, tmp_path)
     assert last.epoch == 2
 
 
+def test_last_selection_trains_the_whole_budget_and_keeps_the_lowest_loss_epoch_beside_it(tiny_data, tmp_path):
+    import csv
+
+    out = tmp_path / "lastsel"
+    # patience=1 would stop a val_loss-selected run early; with 'last' the whole budget runs
+    summary = train(_cfg(tiny_data, out, epochs=4, patience=1, checkpoint_selection="last"))
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3] and summary["checkpoint_selection"] == "last"
+    _, best = load_checkpoint(out / "checkpoints" / "best.ckpt")
+    _, lowest = load_checkpoint(out / "checkpoints" / "lowest_val_loss.ckpt")
+    assert best.epoch == 3 and best.threshold is not None
+    assert lowest.epoch == int(min(rows, key=lambda r: float(r["val_loss"]))["epoch"])
+    assert summary["best_val_loss"] == pytest.approx(float(rows[-1]["val_loss"]), rel=1e-4)
+
+
 def test_three_class_training_end_to_end(tmp_path):
     import shutil
 
