@@ -10,8 +10,9 @@ Each variant is ``configs/kermany.yaml`` plus the overrides in :data:`VARIANTS`,
 table. ``--report`` only prints the table of what exists. Columns: validation AUC and
 sensitivity/specificity at the stored threshold (clean), the suite's mean and worst-case AUC and
 specificity at that threshold, the threshold itself, the clean-Youden cut of the same checkpoint
-and its range over the run's epochs (``history.csv``), the best epoch (lowest validation loss),
-epochs run and minutes. Variants with several seeds also get a spread (mean, sd, range); the
+and its range over the run's epochs (``history.csv``), how best.ckpt was selected
+(``checkpoint_selection``: the lowest-val_loss epoch or the last), the lowest-val_loss epoch
+(0-based), epochs run and minutes. Variants with several seeds also get a spread (mean, sd, range); the
 report reads any folder of run folders named ``<variant>-s<seed>`` (``--out-dir runs`` for the
 recipe's ``runs/recipe-s42``, ``-s1``, ``-s2``).
 """
@@ -38,6 +39,9 @@ VARIANTS: dict[str, list[str]] = {
     "acq_ema": ["--acquisition-aug", "0.5", "--ema-decay", "0.995", "--scale-min", "0.9", "--scale-max", "1.1"],
     "acq_ema_zoom": ["--acquisition-aug", "0.5", "--ema-decay", "0.995"],  # the recipe's wider scale range
     "recipe": [],
+    # the recipe before checkpoint_selection: last (commit d4bc0a2): the lowest-val_loss epoch of at
+    # most 14, early stopping with patience 5 (use with --epochs 0, which keeps the variant's budget)
+    "recipe_valloss": ["--checkpoint-selection", "val_loss", "--epochs", "14", "--patience", "5"],
 }
 
 
@@ -71,7 +75,7 @@ def row(out: Path) -> dict | None:
     clean = suite["rows"]["clean"]
     history = list(csv.DictReader((out / "history.csv").open())) if (out / "history.csv").is_file() else []
     epoch_cuts = [float(h["threshold"]) for h in history if h.get("threshold")]
-    best = min(history, key=lambda h: float(h["val_loss"]))["epoch"] if history else "?"
+    loss_min = min(history, key=lambda h: float(h["val_loss"]))["epoch"] if history else "?"
     return {
         "run": out.name, "val_auc": clean["roc_auc"], "val_sens": clean["sensitivity"],
         "val_spec": clean["specificity"], "suite_mean_auc": suite["mean"]["roc_auc"],
@@ -79,7 +83,7 @@ def row(out: Path) -> dict | None:
         "suite_worst_spec": suite["worst"]["specificity"], "suite_mean_sens": suite["mean"]["sensitivity"],
         "threshold": suite["threshold"], "youden_clean": suite["youden_clean"],
         "minutes": summary.get("seconds", float("nan")) / 60, "epochs": summary.get("epochs_run"),
-        "best_epoch": best,
+        "selection": summary.get("checkpoint_selection", "val_loss"), "loss_min_epoch": loss_min,
         # the per-epoch clean Youden cut (history.csv) that round 1 stored: how far it wanders
         "epoch_youden": f"{min(epoch_cuts):.2f}-{max(epoch_cuts):.2f}" if epoch_cuts else "?",
     }
@@ -92,8 +96,8 @@ SPREAD_COLS = ["threshold", "youden_clean", "val_auc", "val_sens", "val_spec", "
 def table(out: Path) -> str:
     rows = [r for d in sorted(out.iterdir()) if d.is_dir() and (r := row(d))]
     cols = ["run", "val_auc", "val_sens", "val_spec", "suite_mean_auc", "suite_worst_auc", "suite_mean_sens",
-            "suite_mean_spec", "suite_worst_spec", "threshold", "youden_clean", "epoch_youden", "best_epoch",
-            "epochs", "minutes"]
+            "suite_mean_spec", "suite_worst_spec", "threshold", "youden_clean", "epoch_youden", "selection",
+            "loss_min_epoch", "epochs", "minutes"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(r[c] if isinstance(r[c], str) else f"{r[c]:.3f}" if isinstance(r[c], float)

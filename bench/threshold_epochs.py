@@ -4,7 +4,8 @@
 
 Training stores the shift-robust threshold of the best checkpoint only. For each run this
 re-scores the run's own validation images (``RUN/split.csv``) clean and under the 24 shifts of the
-robustness suite with ``best.ckpt`` and ``final.ckpt`` (the last epoch), and prints, per
+robustness suite with ``best.ckpt`` and ``final.ckpt`` (the last epoch; ``--checkpoints`` names
+others, e.g. ``lowest_val_loss`` of a run with ``checkpoint_selection: last``), and prints, per
 checkpoint, the threshold the shift-robust rule would store, the clean-Youden cut, and the
 suite's worst-case specificity at the shift-robust cut. The epoch each checkpoint comes from is
 read from the checkpoint (0-based, as in ``history.csv``). fp32 on the CPU, as ``chexformer predict``.
