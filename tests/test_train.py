@@ -357,6 +357,24 @@ def test_last_selection_trains_the_whole_budget_and_keeps_the_lowest_loss_epoch_
     assert summary["best_val_loss"] == pytest.approx(float(rows[-1]["val_loss"]), rel=1e-4)
 
 
+@pytest.mark.parametrize("selection", ["val_loss", "last"])
+def test_only_val_loss_selection_stops_early(tiny_data, tmp_path, selection):
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    from chexformer.train import RunFolder, build_trainer
+
+    cfg = _cfg(tiny_data, tmp_path / "cb", checkpoint_selection=selection)
+    dm = XrayDataModule(cfg)
+    dm.setup()
+    trainer, best = build_trainer(cfg, dm, RunFolder(tmp_path / "cb"), "cpu", "32", cached=False)
+    stoppers = [c for c in trainer.callbacks if isinstance(c, EarlyStopping)]
+    files = {c.filename for c in trainer.callbacks if isinstance(c, ModelCheckpoint)}
+    if selection == "val_loss":
+        assert len(stoppers) == 1 and best.monitor == "val_loss" and "lowest_val_loss" not in files
+    else:
+        assert not stoppers and best.monitor == "epoch" and best.mode == "max" and "lowest_val_loss" in files
+
+
 def test_three_class_training_end_to_end(tmp_path):
     import shutil
 
