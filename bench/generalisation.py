@@ -42,6 +42,8 @@ VARIANTS: dict[str, list[str]] = {
     # the recipe before checkpoint_selection: last (commit d4bc0a2): the lowest-val_loss epoch of at
     # most 14, early stopping with patience 5 (use with --epochs 0, which keeps the variant's budget)
     "recipe_valloss": ["--checkpoint-selection", "val_loss", "--epochs", "14", "--patience", "5"],
+    # the recipe with a longer fixed budget (still 'last'): does more training move the suite's worst case?
+    "recipe_e14": ["--epochs", "14"],
 }
 
 
