@@ -1,18 +1,21 @@
-"""Lightning callbacks of a training run: history.csv, EMA weights and the DDP agreement check.
+"""Lightning callbacks of a training run: history.csv, EMA weights, the random generators' state
+in every checkpoint, and the DDP agreement check.
 
 In: the trainer's logged metrics and the module's epoch averages after every epoch; the weights of
 every rank at the end of training. Out: ``OUT/history.csv`` (one row per epoch),
-exponentially averaged weights that Lightning validates and checkpoints, and
-``OUT/ddp_check.json`` under DDP.
+exponentially averaged weights that Lightning validates and checkpoints, the generators' state
+that ``--resume`` restores, and ``OUT/ddp_check.json`` under DDP.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, WeightAveraging
 from torch.optim.swa_utils import get_ema_multi_avg_fn
@@ -21,7 +24,7 @@ from chexformer.history import read_history, write_history
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMA", "HistoryCSV", "RankAgreement"]
+__all__ = ["EMA", "HistoryCSV", "RankAgreement", "RngState"]
 
 
 class HistoryCSV(Checkpoint):
@@ -62,6 +65,48 @@ class EMA(WeightAveraging):
 
     def __init__(self, decay: float) -> None:
         super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+class RngState(Callback):
+    """Carries the torch, NumPy, Python (and CUDA) generators' state in every checkpoint, so that
+    a run continued with ``--resume`` retraces the uninterrupted run: same data order, same
+    augmentation, same dropout. Lightning checkpoints the weights, optimiser, schedulers and
+    callbacks, not the generators; without this the continued epoch draws from the state that
+    ``seed_everything`` left at start-up.
+
+    The state is the one at the end of the saved epoch (after its validation); it is put back in
+    ``on_fit_start``, before the first training batch is drawn. Exact with ``num_workers: 0``
+    (the recipe): persistent loader workers keep their own generators, which are not saved.
+    A checkpoint written before this callback existed resumes with a warning."""
+
+    def __init__(self) -> None:
+        self._loaded: dict | None = None
+
+    def state_dict(self) -> dict:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                           "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state()  # this rank's device
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._loaded = state_dict
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self._loaded is None:
+            if trainer.ckpt_path:
+                log.warning("%s carries no random generator state (written by an older chexformer): the continued "
+                            "run will not retrace an uninterrupted one exactly", trainer.ckpt_path)
+            return
+        state, self._loaded = self._loaded, None
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        n = state["numpy"]
+        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
 
 class RankAgreement(Callback):

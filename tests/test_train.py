@@ -193,6 +193,40 @@ def test_sigkill_mid_epoch_then_resume(tiny_data, tmp_path):
     assert meta.epoch == 2
 
 
+def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_data, tmp_path):
+    """A run stopped after epoch 1 and resumed must retrace the uninterrupted run: same history,
+    same final weights. Augmentation (acquisition too), dropout and EMA draw from the RNGs, so
+    this fails if the checkpoint does not carry their state."""
+    kw = dict(augment=True, acquisition_aug=0.5, dropout_rate=0.2, ema_decay=0.9, checkpoint_selection="last")
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train(_cfg(tiny_data, whole, epochs=3, **kw), evaluate=False)
+    train(_cfg(tiny_data, part, epochs=2, **kw), evaluate=False)
+    train(_cfg(tiny_data, part, epochs=3, **kw), resume=True, evaluate=False)
+
+    def rows(out):
+        lines = (out / "history.csv").read_text().splitlines()
+        head = lines[0].split(",")
+        return [{k: v for k, v in zip(head, line.split(",")) if k != "seconds"} for line in lines[1:]]
+
+    assert rows(part) == rows(whole)
+    a = torch.load(whole / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    b = torch.load(part / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_from_a_checkpoint_without_generator_state_warns(tiny_data, tmp_path, caplog):
+    out = tmp_path / "run"
+    train(_cfg(tiny_data, out, epochs=1), evaluate=False)
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert "RngState" in ckpt["callbacks"]
+    del ckpt["callbacks"]["RngState"]  # as written by chexformer before the callback existed
+    torch.save(ckpt, last)
+    train(_cfg(tiny_data, out, epochs=2), resume=True, evaluate=False)
+    assert "carries no random generator state" in caplog.text
+    assert load_checkpoint(out / "checkpoints" / "final.ckpt")[1].epoch == 1
+
+
 def test_two_process_ddp_ranks_agree(tiny_data, tmp_path):
     out = tmp_path / "ddp"
     args = _train_args(tiny_data, out, 1) + ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
