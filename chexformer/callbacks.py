@@ -1,10 +1,11 @@
-"""Lightning callbacks of a training run: history.csv, EMA weights, the random generators' state
-in every checkpoint, and the DDP agreement check.
+"""Lightning callbacks of a training run: history.csv, EMA weights, what ``--resume`` needs beyond
+Lightning's checkpoint (the random generators, the saved epoch's scheduler step), and the DDP
+agreement check.
 
 In: the trainer's logged metrics and the module's epoch averages after every epoch; the weights of
-every rank at the end of training. Out: ``OUT/history.csv`` (one row per epoch),
-exponentially averaged weights that Lightning validates and checkpoints, the generators' state
-that ``--resume`` restores, and ``OUT/ddp_check.json`` under DDP.
+every rank at the end of training. Out: ``OUT/history.csv`` (one row per epoch), exponentially
+averaged weights that Lightning validates and checkpoints, the resume state in every checkpoint,
+and ``OUT/ddp_check.json`` under DDP.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from chexformer.history import read_history, write_history
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMA", "HistoryCSV", "RankAgreement", "RngState"]
+__all__ = ["EMA", "HistoryCSV", "RankAgreement", "ResumeState"]
 
 
 class HistoryCSV(Checkpoint):
@@ -67,46 +68,78 @@ class EMA(WeightAveraging):
         super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-class RngState(Callback):
-    """Carries the torch, NumPy, Python (and CUDA) generators' state in every checkpoint, so that
-    a run continued with ``--resume`` retraces the uninterrupted run: same data order, same
-    augmentation, same dropout. Lightning checkpoints the weights, optimiser, schedulers and
-    callbacks, not the generators; without this the continued epoch draws from the state that
-    ``seed_everything`` left at start-up.
+class ResumeState(Callback):
+    """What a Lightning checkpoint lacks for ``--resume`` to retrace the uninterrupted run.
 
-    The state is the one at the end of the saved epoch (after its validation); it is put back in
-    ``on_fit_start``, before the first training batch is drawn. Exact with ``num_workers: 0``
-    (the recipe): persistent loader workers keep their own generators, which are not saved.
-    A checkpoint written before this callback existed resumes with a warning."""
+    1. **The random generators** (torch, NumPy, Python, and CUDA where used): data order,
+       augmentation and dropout draw from them, and Lightning does not checkpoint them, so a
+       continued epoch would draw from the state ``seed_everything`` left at start-up. The state at
+       the end of the saved epoch is stored and put back as soon as the checkpoint is loaded,
+       before the first training batch is drawn (Lightning's sanity check runs under ``isolate_rng``).
+    2. **The saved epoch's learning-rate scheduler step**: Lightning writes an epoch's checkpoints
+       (``on_validation_end`` / ``on_train_epoch_end``) *before* it steps epoch-interval schedulers,
+       and does not replay that step on resume, so ReduceLROnPlateau would forget the saved epoch's
+       validation loss and cut the rate one epoch late. The monitored values are stored, and a
+       scheduler that is one step behind the epoch is stepped once in ``on_train_start``.
+
+    Exact with ``num_workers: 0`` (the recipe): persistent loader workers keep generators of their
+    own, which are not saved. Under DDP every rank continues from rank zero's generators. A
+    checkpoint written before this callback existed resumes with a warning."""
 
     def __init__(self) -> None:
-        self._loaded: dict | None = None
+        self._trainer = None
+        self._loaded = False
+        self._metrics: dict[str, float] = {}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
 
     def state_dict(self) -> dict:
         name, keys, pos, has_gauss, gauss = np.random.get_state()
         state = {"torch": torch.get_rng_state(), "python": random.getstate(),
                  "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                           "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+                           "has_gauss": int(has_gauss), "gauss": float(gauss)},
+                 "scheduler_metrics": {}}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             state["cuda"] = torch.cuda.get_rng_state()  # this rank's device
+        if self._trainer is not None:
+            metrics = self._trainer.callback_metrics
+            for config in self._trainer.lr_scheduler_configs:
+                if config.reduce_on_plateau and config.monitor in metrics:
+                    state["scheduler_metrics"][config.monitor] = float(metrics[config.monitor])
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._loaded = state_dict
-
-    def on_fit_start(self, trainer, pl_module) -> None:
-        if self._loaded is None:
-            if trainer.ckpt_path:
-                log.warning("%s carries no random generator state (written by an older chexformer): the continued "
-                            "run will not retrace an uninterrupted one exactly", trainer.ckpt_path)
-            return
-        state, self._loaded = self._loaded, None
-        torch.set_rng_state(state["torch"])
-        random.setstate(state["python"])
-        n = state["numpy"]
+        torch.set_rng_state(state_dict["torch"])
+        random.setstate(state_dict["python"])
+        n = state_dict["numpy"]
         np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state["cuda"])
+        if "cuda" in state_dict and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state_dict["cuda"])
+        self._metrics = dict(state_dict.get("scheduler_metrics", {}))
+        self._loaded = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not trainer.ckpt_path:
+            return
+        if not self._loaded:
+            log.warning("%s carries no random generator state (written by an older chexformer): the continued "
+                        "run will not retrace an uninterrupted one exactly", trainer.ckpt_path)
+            return
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if config.interval != "epoch" or config.frequency != 1 or scheduler.last_epoch != trainer.current_epoch - 1:
+                continue  # not behind: nothing to replay
+            if not config.reduce_on_plateau:
+                scheduler.step()
+            elif config.monitor in self._metrics:
+                scheduler.step(self._metrics[config.monitor])
+            else:
+                log.warning("%s holds no %s for the learning-rate scheduler's step of epoch %d; the continued run "
+                            "skips that step", trainer.ckpt_path, config.monitor, trainer.current_epoch - 1)
+                continue
+            log.info("resume: replayed the learning-rate scheduler's step of epoch %d (written after the checkpoint)",
+                     trainer.current_epoch - 1)
 
 
 class RankAgreement(Callback):

@@ -33,7 +33,7 @@ from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from chexformer import metrics
-from chexformer.callbacks import EMA, HistoryCSV, RankAgreement, RngState
+from chexformer.callbacks import EMA, HistoryCSV, RankAgreement, ResumeState
 from chexformer.config import Config, ConfigError
 from chexformer.data.datamodule import XrayDataModule
 from chexformer.data.scan import write_split_csv
@@ -210,7 +210,7 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
         LearningRateMonitor(logging_interval="epoch"),
         HistoryCSV(run.history),
         RankAgreement(),
-        RngState(),
+        ResumeState(),
     ]
     if by_loss:
         callbacks.insert(2, EarlyStopping(monitor="val_loss", mode="min", patience=cfg.patience))

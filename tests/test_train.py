@@ -195,9 +195,11 @@ def test_sigkill_mid_epoch_then_resume(tiny_data, tmp_path):
 
 def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_data, tmp_path):
     """A run stopped after epoch 1 and resumed must retrace the uninterrupted run: same history,
-    same final weights. Augmentation (acquisition too), dropout and EMA draw from the RNGs, so
-    this fails if the checkpoint does not carry their state."""
-    kw = dict(augment=True, acquisition_aug=0.5, dropout_rate=0.2, ema_decay=0.9, checkpoint_selection="last")
+    same final weights, same scheduler state. Augmentation (acquisition too), dropout and EMA draw
+    from the RNGs, and Lightning steps the plateau scheduler after writing the epoch's checkpoint,
+    so this fails if the checkpoint carries neither the generators nor that step."""
+    kw = dict(augment=True, acquisition_aug=0.5, dropout_rate=0.2, ema_decay=0.9, checkpoint_selection="last",
+              lr_patience=0)
     whole, part = tmp_path / "whole", tmp_path / "part"
     train(_cfg(tiny_data, whole, epochs=3, **kw), evaluate=False)
     train(_cfg(tiny_data, part, epochs=2, **kw), evaluate=False)
@@ -209,8 +211,12 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_data, tmp_path):
         return [{k: v for k, v in zip(head, line.split(",")) if k != "seconds"} for line in lines[1:]]
 
     assert rows(part) == rows(whole)
-    a = torch.load(whole / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)["state_dict"]
-    b = torch.load(part / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    a = torch.load(whole / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(part / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)
+    assert a["lr_schedulers"] == b["lr_schedulers"] and a["lr_schedulers"][0]["last_epoch"] == 3
+    assert [g["lr"] for g in a["optimizer_states"][0]["param_groups"]] == \
+        [g["lr"] for g in b["optimizer_states"][0]["param_groups"]]
+    a, b = a["state_dict"], b["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -219,8 +225,8 @@ def test_resume_from_a_checkpoint_without_generator_state_warns(tiny_data, tmp_p
     train(_cfg(tiny_data, out, epochs=1), evaluate=False)
     last = out / "checkpoints" / "last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
-    assert "RngState" in ckpt["callbacks"]
-    del ckpt["callbacks"]["RngState"]  # as written by chexformer before the callback existed
+    assert "ResumeState" in ckpt["callbacks"]
+    del ckpt["callbacks"]["ResumeState"]  # as written by chexformer before the callback existed
     torch.save(ckpt, last)
     train(_cfg(tiny_data, out, epochs=2), resume=True, evaluate=False)
     assert "carries no random generator state" in caplog.text
