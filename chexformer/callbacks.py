@@ -128,8 +128,9 @@ class ResumeState(Callback):
             return
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
-            if config.interval != "epoch" or config.frequency != 1 or scheduler.last_epoch != trainer.current_epoch - 1:
-                continue  # not behind: nothing to replay
+            behind = getattr(scheduler, "last_epoch", None) == trainer.current_epoch - 1
+            if config.interval != "epoch" or config.frequency != 1 or not behind:
+                continue  # not behind (or not a torch scheduler): nothing to replay
             if not config.reduce_on_plateau:
                 scheduler.step()
             elif config.monitor in self._metrics:
