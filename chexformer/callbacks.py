@@ -95,6 +95,8 @@ class ResumeState(Callback):
         self._trainer = trainer
 
     def state_dict(self) -> dict:
+        # tensors and plain numbers only (NumPy's key array as a tensor): checkpoints are read with
+        # torch.load(weights_only=True), and Lightning's own rng-state helpers store NumPy arrays
         name, keys, pos, has_gauss, gauss = np.random.get_state()
         state = {"torch": torch.get_rng_state(), "python": random.getstate(),
                  "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),

@@ -13,8 +13,10 @@ import torch
 
 from chexformer import Config
 from chexformer.checkpoint import load_checkpoint
+from chexformer.history import read_history
 from chexformer.synthetic import make_synthetic_dataset
 from chexformer.train import RunExistsError, XrayDataModule, train
+from chexformer.weights import read_checkpoint_file
 
 from .conftest import SHARED_DATA
 
@@ -206,13 +208,11 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_data, tmp_path):
     train(_cfg(tiny_data, part, epochs=3, **kw), resume=True, evaluate=False)
 
     def rows(out):
-        lines = (out / "history.csv").read_text().splitlines()
-        head = lines[0].split(",")
-        return [{k: v for k, v in zip(head, line.split(",")) if k != "seconds"} for line in lines[1:]]
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in read_history(out / "history.csv")]
 
     assert rows(part) == rows(whole)
-    a = torch.load(whole / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)
-    b = torch.load(part / "checkpoints" / "final.ckpt", map_location="cpu", weights_only=False)
+    a = read_checkpoint_file(whole / "checkpoints" / "final.ckpt")  # weights_only, as every reader loads it
+    b = read_checkpoint_file(part / "checkpoints" / "final.ckpt")
     assert a["lr_schedulers"] == b["lr_schedulers"] and a["lr_schedulers"][0]["last_epoch"] == 3
     assert [g["lr"] for g in a["optimizer_states"][0]["param_groups"]] == \
         [g["lr"] for g in b["optimizer_states"][0]["param_groups"]]
@@ -224,7 +224,7 @@ def test_resume_from_a_checkpoint_without_generator_state_warns(tiny_data, tmp_p
     out = tmp_path / "run"
     train(_cfg(tiny_data, out, epochs=1), evaluate=False)
     last = out / "checkpoints" / "last.ckpt"
-    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint_file(last)
     assert "ResumeState" in ckpt["callbacks"]
     del ckpt["callbacks"]["ResumeState"]  # as written by chexformer before the callback existed
     torch.save(ckpt, last)
