@@ -34,7 +34,9 @@ class HistoryCSV(Checkpoint):
     The train columns are the module's own averages over this epoch's batches
     (:attr:`ChexFormerModule.epoch_train_metrics`), the val columns this epoch's validation.
     Subclassing :class:`Checkpoint` makes Lightning call this after the module's
-    ``on_train_epoch_end`` (as for ModelCheckpoint), so every row belongs to one epoch.
+    ``on_train_epoch_end`` (as for ModelCheckpoint), so every row belongs to one epoch; listed
+    before the ModelCheckpoints, it writes an epoch's row before its checkpoints, so no checkpoint
+    is ever ahead of the history (a resume rewrites any row past its checkpoint's epoch).
     """
 
     def __init__(self, path: Path) -> None:

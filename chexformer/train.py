@@ -204,18 +204,21 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
         dirpath=run.checkpoints, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
         auto_insert_metric_name=False, enable_version_counter=False,
     )
+    # Lightning moves Checkpoint subclasses to the end and keeps their order: HistoryCSV goes first,
+    # so an epoch's row is on disk before its checkpoints and a kill between the two cannot leave a
+    # last.ckpt whose epoch history.csv lacks (a resume would skip that row for good).
     callbacks = [
+        HistoryCSV(run.history),
         best,
         last,
         LearningRateMonitor(logging_interval="epoch"),
-        HistoryCSV(run.history),
         RankAgreement(),
         ResumeState(),
     ]
     if by_loss:
-        callbacks.insert(2, EarlyStopping(monitor="val_loss", mode="min", patience=cfg.patience))
+        callbacks.insert(3, EarlyStopping(monitor="val_loss", mode="min", patience=cfg.patience))
     else:  # the model is the end of the budget; the lowest-loss epoch is kept for comparison
-        callbacks.insert(2, ModelCheckpoint(
+        callbacks.insert(3, ModelCheckpoint(
             dirpath=run.checkpoints, filename="lowest_val_loss", monitor="val_loss", mode="min", save_top_k=1,
             auto_insert_metric_name=False, enable_version_counter=False,
         ))

@@ -195,6 +195,29 @@ def test_sigkill_mid_epoch_then_resume(tiny_data, tmp_path):
     assert meta.epoch == 2
 
 
+@pytest.mark.parametrize("selection", ["val_loss", "last"])
+def test_every_checkpoint_is_written_after_its_epochs_history_row(tiny_data, tmp_path, monkeypatch, selection):
+    """A kill can land between two files of one epoch. history.csv must be written first: a
+    last.ckpt of epoch N with no row N would resume at N+1 and lose the row for good (seen in CI
+    as history epochs [0, 2] after a SIGKILL). Each save records the rows on disk at that moment."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    out = tmp_path / "run"
+    seen = []
+    save = ModelCheckpoint._save_checkpoint
+
+    def recording_save(self, trainer, filepath):
+        rows = [int(r["epoch"]) for r in read_history(out / "history.csv")]
+        seen.append((os.path.basename(filepath), trainer.current_epoch, rows))
+        save(self, trainer, filepath)
+
+    monkeypatch.setattr(ModelCheckpoint, "_save_checkpoint", recording_save)
+    train(_cfg(tiny_data, out, epochs=2, checkpoint_selection=selection))
+    assert {name for name, _, _ in seen} >= {"best.ckpt", "last.ckpt"}
+    for name, epoch, rows in seen:
+        assert rows and rows[-1] == epoch, (name, epoch, rows)
+
+
 def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_data, tmp_path):
     """A run stopped after epoch 1 and resumed must retrace the uninterrupted run: same history,
     same final weights, same scheduler state. Augmentation (acquisition too), dropout and EMA draw
