@@ -109,3 +109,30 @@ def test_generalisation_report_and_threshold_epochs_on_two_tiny_seeds(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["checkpoint"] for r in rows] == ["best.ckpt", "final.ckpt"] and rows[0]["epoch"] == 0
     assert rows[0]["shift_robust"] == pytest.approx(stored[0], abs=1e-9)
+
+
+def test_resume_check_finds_the_resumed_recipe_identical(tiny_xrays, tmp_path):
+    """The recipe's config (acquisition augmentation, EMA, plateau schedule, shift-robust threshold)
+    at toy size: stopped after one epoch and resumed, it must retrace the uninterrupted run."""
+    out = tmp_path / "resume"
+    _run(["bench/resume_check.py", "--data-dir", str(tiny_xrays), "--out-dir", str(out), "--seed", "3",
+          "--stop-after", "1", "--overrides", "--img-size", "64", "--d-model", "32", "--num-heads", "4",
+          "--ffn-dim", "64", "--num-layers", "1", "--batch-size", "8", "--epochs", "3", "--lr-patience", "0",
+          "--num-workers", "0", "--precision", "32"], timeout=600)
+    result = json.loads((out / "resume_check.json").read_text())
+    assert result["identical"] is True and result["epochs"] == [3, 3], result
+
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("resume_check", REPO / "bench" / "resume_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    other = tmp_path / "other"
+    shutil.copytree(out / "resumed", other)
+    lines = (other / "history.csv").read_text().splitlines()
+    head, row = lines[0].split(","), lines[2].split(",")
+    row[head.index("val_loss")] = "0.5"  # one digit of one epoch is enough to fail the check
+    (other / "history.csv").write_text("\n".join([lines[0], lines[1], ",".join(row), *lines[3:]]) + "\n")
+    assert module.compare(out / "fresh", other)["history_rows_differing"] == [1]
+    assert module.compare(out / "fresh", other)["identical"] is False
