@@ -107,15 +107,21 @@ def main() -> int:
         epochs = int(a.overrides[a.overrides.index("--epochs") + 1])
     if not 0 < a.stop_after < epochs:
         p.error(f"--stop-after must lie between 0 and the run's {epochs} epochs")
-    a.out_dir.mkdir(parents=True, exist_ok=True)
     fresh = a.fresh.resolve() if a.fresh else a.out_dir / "fresh"
-    if not (fresh / "summary.json").is_file():
-        if a.fresh:
-            p.error(f"--fresh {fresh} is not a finished run (no summary.json)")
-        _train(a, fresh, *base)
+    if a.fresh and not (fresh / "summary.json").is_file():
+        p.error(f"--fresh {fresh} is not a finished run (no summary.json)")
     resumed = a.out_dir / "resumed"
-    _train(a, resumed, *base, "--epochs", str(a.stop_after))
-    _train(a, resumed, *base, "--epochs", str(epochs), "--resume")
+    if resumed.exists():
+        p.error(f"{resumed} exists (an earlier check?): remove it or choose another --out-dir")
+    a.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if not (fresh / "summary.json").is_file():
+            _train(a, fresh, *base)
+        _train(a, resumed, *base, "--epochs", str(a.stop_after))
+        _train(a, resumed, *base, "--epochs", str(epochs), "--resume")
+    except subprocess.CalledProcessError as e:
+        print(f"training failed (exit {e.returncode}); its output is in {a.out_dir}/*.log", file=sys.stderr)
+        return 2
     if _config(fresh) != _config(resumed):
         diff = sorted(k for k in _config(fresh).keys() | _config(resumed).keys()
                       if _config(fresh).get(k) != _config(resumed).get(k))
