@@ -38,6 +38,7 @@ VARIANTS: dict[str, list[str]] = {
                "--scale-min", "0.9", "--scale-max", "1.1"],
     "acq_ema": ["--acquisition-aug", "0.5", "--ema-decay", "0.995", "--scale-min", "0.9", "--scale-max", "1.1"],
     "acq_ema_zoom": ["--acquisition-aug", "0.5", "--ema-decay", "0.995"],  # the recipe's wider scale range
+    "acq_zoom": ["--acquisition-aug", "0.5", "--ema-decay", "0"],  # the recipe without EMA
     "recipe": [],
     # the recipe before checkpoint_selection: last (commit d4bc0a2): the lowest-val_loss epoch of at
     # most 14, early stopping with patience 5 (use with --epochs 0, which keeps the variant's budget)
