@@ -25,13 +25,14 @@ from typing import Any
 import torch
 import yaml
 
+from chexformer.config import load_config
 from chexformer.history import read_history
 from chexformer.weights import read_checkpoint_file
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _train(args: argparse.Namespace, out: Path, *extra: str) -> None:
+def _train(out: Path, *extra: str) -> None:
     cmd = [sys.executable, "-m", "chexformer", "train", "--out-dir", str(out), "--log-images-every", "0", *extra]
     print(" ".join(cmd), flush=True)
     with (out.parent / f"{out.name}.log").open("a") as log:
@@ -102,7 +103,7 @@ def main() -> int:
     a.out_dir = a.out_dir.resolve()  # the trainings run from the repository root
     base = ["--config", str(a.config.resolve()), "--data-dir", str(a.data_dir.resolve()), "--seed", str(a.seed),
             *a.overrides]
-    epochs = yaml.safe_load(a.config.read_text())["epochs"]
+    epochs = load_config(a.config).epochs  # defaults apply where the file is silent
     if "--epochs" in a.overrides:
         epochs = int(a.overrides[a.overrides.index("--epochs") + 1])
     if not 0 < a.stop_after < epochs:
@@ -116,15 +117,15 @@ def main() -> int:
     a.out_dir.mkdir(parents=True, exist_ok=True)
     try:
         if not (fresh / "summary.json").is_file():
-            _train(a, fresh, *base)
-        _train(a, resumed, *base, "--epochs", str(a.stop_after))
-        _train(a, resumed, *base, "--epochs", str(epochs), "--resume")
+            _train(fresh, *base)
+        _train(resumed, *base, "--epochs", str(a.stop_after))
+        _train(resumed, *base, "--epochs", str(epochs), "--resume")
     except subprocess.CalledProcessError as e:
         print(f"training failed (exit {e.returncode}); its output is in {a.out_dir}/*.log", file=sys.stderr)
         return 2
-    if _config(fresh) != _config(resumed):
-        diff = sorted(k for k in _config(fresh).keys() | _config(resumed).keys()
-                      if _config(fresh).get(k) != _config(resumed).get(k))
+    configs = _config(fresh), _config(resumed)
+    if configs[0] != configs[1]:
+        diff = sorted(k for k in configs[0].keys() | configs[1].keys() if configs[0].get(k) != configs[1].get(k))
         p.error(f"the runs were not trained with the same config (differ in {diff}): nothing to compare")
     result = compare(fresh, resumed)
     (a.out_dir / "resume_check.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -216,9 +216,9 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
         ResumeState(),
     ]
     if by_loss:
-        callbacks.insert(3, EarlyStopping(monitor="val_loss", mode="min", patience=cfg.patience))
+        callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=cfg.patience))
     else:  # the model is the end of the budget; the lowest-loss epoch is kept for comparison
-        callbacks.insert(3, ModelCheckpoint(
+        callbacks.append(ModelCheckpoint(
             dirpath=run.checkpoints, filename="lowest_val_loss", monitor="val_loss", mode="min", save_top_k=1,
             auto_insert_metric_name=False, enable_version_counter=False,
         ))
