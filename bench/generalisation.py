@@ -40,6 +40,11 @@ VARIANTS: dict[str, list[str]] = {
     "acq_ema_zoom": ["--acquisition-aug", "0.5", "--ema-decay", "0.995"],  # the recipe's wider scale range
     "acq_zoom": ["--acquisition-aug", "0.5", "--ema-decay", "0"],  # the recipe without EMA
     "recipe": [],
+    # candidates against the worst case (resolution/severe): acquisition changes on more images (0.8 of
+    # each change instead of 0.5; strength unchanged, so the suite's severe level stays unseen), and
+    # label smoothing
+    "recipe_acq08": ["--acquisition-aug", "0.8"],
+    "recipe_ls": ["--label-smoothing", "0.1"],
     # the recipe before checkpoint_selection: last (commit d4bc0a2): the lowest-val_loss epoch of at
     # most 14, early stopping with patience 5 (use with --epochs 0, which keeps the variant's budget)
     "recipe_valloss": ["--checkpoint-selection", "val_loss", "--epochs", "14", "--patience", "5"],
