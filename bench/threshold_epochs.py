@@ -9,6 +9,8 @@ others, e.g. ``lowest_val_loss`` of a run with ``checkpoint_selection: last``), 
 checkpoint, the threshold the shift-robust rule would store, the clean-Youden cut, and the
 suite's worst-case specificity at the shift-robust cut. The epoch each checkpoint comes from is
 read from the checkpoint (0-based, as in ``history.csv``). fp32 on the CPU, as ``chexformer predict``.
+``--save-probs DIR`` also keeps every copy's probabilities (``DIR/<run>-<checkpoint>.npz``, with
+labels and patient ids) for ``bench/threshold_rules.py``, which compares threshold rules on them.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 
-def measure_run(run: Path, checkpoints: list[str]) -> Iterator[dict]:
+def measure_run(run: Path, checkpoints: list[str], save_probs: Path | None = None) -> Iterator[dict]:
     """One row per checkpoint of ``run``; the validation images are decoded once for all of them."""
     from chexformer import metrics
     from chexformer.data import XrayDataset, read_split_csv
@@ -37,6 +39,11 @@ def measure_run(run: Path, checkpoints: list[str]) -> Iterator[dict]:
         y = np.array(dataset.labels)
         logits = shift_suite_logits(predictor, dataset, seed=predictor.cfg.seed)
         probs = {k: predictor.probabilities(v) for k, v in logits.items()}
+        if save_probs is not None:
+            save_probs.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(save_probs / f"{run.name}-{name}.npz", y=y,  # group: split.csv's patient id
+                                patient=np.array([s.group for s in dataset.samples]),
+                                **{f"p:{k}": v for k, v in probs.items()})
         robust = robust_threshold(y, probs)
         table = suite_table(y, probs, robust)
         yield {"run": run.name, "checkpoint": f"{name}.ckpt",
@@ -52,13 +59,14 @@ def main() -> None:
     p.add_argument("--runs", type=Path, nargs="+", required=True)
     p.add_argument("--checkpoints", nargs="+", default=["best", "final"])
     p.add_argument("--output", type=Path, help="also write the rows as JSON here")
+    p.add_argument("--save-probs", type=Path, help="keep every copy's probabilities here (npz per checkpoint)")
     a = p.parse_args()
     print("| run | checkpoint | epoch | shift-robust cut | clean-Youden cut | val AUC | suite worst AUC "
           "| suite worst spec |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for run in a.runs:
-        for r in measure_run(run, a.checkpoints):
+        for r in measure_run(run, a.checkpoints, a.save_probs):
             rows.append(r)
             print(f"| {r['run']} | {r['checkpoint']} | {r['epoch']} | {r['shift_robust']:.3f} | "
                   f"{r['youden_clean']:.3f} | {r['val_auc']:.3f} | {r['worst_auc']:.3f} | {r['worst_spec']:.3f} |",

@@ -74,18 +74,23 @@ def suite_table(y: np.ndarray, probs: dict[str, np.ndarray], threshold: float) -
     return {"threshold": float(threshold), "rows": rows, **summary, "worst_shift": worst_keys}
 
 
-def robust_threshold(y: np.ndarray, probs: dict[str, np.ndarray], grid: int = 999) -> float:
-    """The threshold maximising Youden's J averaged over every copy in ``probs`` (clean and
-    shifted). Ties (a flat top) resolve to the middle of the best range."""
+def robust_threshold(y: np.ndarray, probs: dict[str, np.ndarray], grid: int = 999,
+                     aggregate: str = "mean") -> float:
+    """The threshold maximising Youden's J over every copy in ``probs`` (clean and shifted),
+    averaged (``aggregate="mean"``, the stored rule) or its smallest value over the copies
+    (``"worst"``, a minimax cut; compared in ``bench/threshold_rules.py``). Ties (a flat top)
+    resolve to the middle of the best range."""
+    if aggregate not in ("mean", "worst"):
+        raise ValueError(f"aggregate must be 'mean' or 'worst', got {aggregate!r}")
     y = np.asarray(y).astype(bool)
     ts = np.linspace(0.001, 0.999, grid)
-    j = np.zeros_like(ts)
+    js = []
     for p in probs.values():
         p = np.asarray(p)
         sens = (p[y][:, None] >= ts).mean(0)
         spec = (p[~y][:, None] < ts).mean(0)
-        j += sens + spec - 1
-    j /= len(probs)
+        js.append(sens + spec - 1)
+    j = np.mean(js, axis=0) if aggregate == "mean" else np.min(js, axis=0)
     best = np.flatnonzero(j >= j.max() - 1e-9)
     return float(ts[best[len(best) // 2]])
 

@@ -109,6 +109,51 @@ def test_generalisation_report_and_threshold_epochs_on_two_tiny_seeds(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["checkpoint"] for r in rows] == ["best.ckpt", "final.ckpt"] and rows[0]["epoch"] == 0
     assert rows[0]["shift_robust"] == pytest.approx(stored[0], abs=1e-9)
+    # the kept probabilities give threshold_rules the same stored cut (in-sample, the stored rule)
+    probs = tmp_path / "probs"
+    _run(["bench/threshold_epochs.py", "--runs", str(runs / "tiny-s0"), "--checkpoints", "best",
+          "--save-probs", str(probs)])
+    rules = _threshold_rules()
+    y, patients, p = rules.load(probs / "tiny-s0-best.npz")
+    assert len(p) == 25 and len(y) == len(patients) == len(p["clean"]) and "resolution/severe" in p
+    assert rules.in_sample(y, p)["shift_robust"]["threshold"] == pytest.approx(stored[0], abs=1e-9)
+    proc = _run(["bench/threshold_rules.py", str(probs / "tiny-s0-best.npz"), "--repeats", "1"])
+    assert "| tiny-s0-best | worst |" in proc.stdout and "Held-out patients" in proc.stdout
+
+
+def _threshold_rules():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("threshold_rules", REPO / "bench" / "threshold_rules.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_threshold_rules_scores_a_shift_family_the_cut_was_not_chosen_on():
+    """A family that pushes normals up is harmless to the shift-robust cut when it is among the
+    copies the cut is chosen on, and not when it is held out: the held-out score must show it."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    n = 400
+    y = np.arange(n) % 2 == 1
+    patients = np.array([f"p{i}" for i in range(n)])
+
+    def copy(neg_lo, neg_hi):
+        return np.where(y, rng.uniform(0.75, 1.0, n), rng.uniform(neg_lo, neg_hi, n))
+
+    probs = {"clean": copy(0.0, 0.4)}
+    for sev in ("mild", "moderate", "severe"):
+        probs[f"harmless/{sev}"] = copy(0.0, 0.4)
+        probs[f"drift/{sev}"] = copy(0.3, 0.7)  # normals drift up: a cut near 0.5 calls half of them positive
+    rules = _threshold_rules()
+    held = rules.cross_fit(y, patients, probs, repeats=2, seed=0)
+    robust, clean = held["shift_robust"], held["youden_clean"]
+    assert robust["threshold"] > 0.7 and robust["worst_spec"] > 0.95  # drift seen: the cut sits above it
+    assert robust["unseen_kind_worst_spec"] < 0.8  # drift unseen: chosen on clean + harmless only
+    assert clean["threshold"] < 0.75 and clean["worst_spec"] < 0.8  # clean Youden never sees the drift
+    assert all(h["clean_sens"] == 1.0 for h in held.values())
 
 
 def test_resume_check_finds_the_resumed_recipe_identical(tiny_xrays, tmp_path):

@@ -67,3 +67,16 @@ def test_robust_threshold_moves_with_the_shifted_copies_and_is_stable():
     shifted = np.r_[rng.uniform(0.2, 0.65, 200), rng.uniform(0.7, 1.0, 200)]  # negatives drift up
     t_shift = robust_threshold(y, {"clean": clean, "s": shifted})
     assert t_shift > 0.65  # above where the shifted negatives now sit
+
+
+def test_worst_case_threshold_balances_the_copies_the_mean_outvotes():
+    y = np.array([0] * 300 + [1] * 300)
+    clean = np.r_[np.linspace(0.0, 0.3, 300), np.linspace(0.35, 1.0, 300)]  # J = 1 on 0.3..0.35
+    shifted = np.r_[np.linspace(0.0, 0.6, 300), np.linspace(0.7, 1.0, 300)]  # J = 1 on 0.6..0.7
+    probs = {f"clean{i}": clean for i in range(5)} | {"s": shifted}
+    assert 0.3 <= robust_threshold(y, probs) <= 0.35  # five clean copies outvote the shifted one
+    # the worst copy's J is largest where the clean sensitivity (1 - t) / 0.65 meets the shifted
+    # specificity t / 0.6: t = 0.48
+    assert abs(robust_threshold(y, probs, aggregate="worst") - 0.48) < 0.01
+    with pytest.raises(ValueError, match="aggregate"):
+        robust_threshold(y, probs, aggregate="median")

@@ -1,0 +1,144 @@
+"""Which threshold rule holds on patients and kinds of shift it was not chosen on?
+
+    python bench/threshold_epochs.py --runs runs/recipe_e14-s42 runs/recipe_e14-s1 runs/recipe_e14-s2 \\
+        --checkpoints final --save-probs runs/suite_probs
+    python bench/threshold_rules.py runs/suite_probs/*.npz
+
+The stored threshold and the robustness suite's worst case are measured on the same validation
+images, so the suite flatters whatever rule chose the cut on them. This compares the rules out of
+sample, on the probabilities ``bench/threshold_epochs.py --save-probs`` keeps (validation clean and
+under the suite's 24 shifts, one file per checkpoint):
+
+- **new patients**: the validation patients are split in two halves at random, stratified by class
+  (``--repeats`` times, both ways round); the cut is chosen on one half (clean and all shifted copies) and scored on the
+  other: clean sensitivity/specificity and the worst and mean over the shifted copies;
+- **new patients and a kind of shift not seen**: the cut is chosen on one half without one shift
+  family (its three severities) and scored on the other half under that family only; the worst over
+  the eight families stands for an acquisition change the rule was not tuned on.
+
+Rules: ``youden_clean`` (Youden's J on clean validation, middle of its flat top), ``shift_robust``
+(J averaged over the clean and shifted copies: the stored rule) and ``worst`` (the smallest J over
+the copies, maximised: a minimax cut). Also printed: each rule chosen and scored on all images
+(``in-sample``, as the suite table in ``validation_shift_suite.json`` does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from chexformer.robustness import robust_threshold  # noqa: E402
+
+Probs = dict[str, np.ndarray]
+
+RULES: dict[str, Callable[[np.ndarray, Probs], float]] = {
+    "youden_clean": lambda y, probs: robust_threshold(y, {"clean": probs["clean"]}),
+    "shift_robust": lambda y, probs: robust_threshold(y, probs),
+    "worst": lambda y, probs: robust_threshold(y, probs, aggregate="worst"),
+}
+COLUMNS = ("threshold", "clean_sens", "clean_spec", "worst_sens", "worst_spec", "mean_sens", "mean_spec",
+           "unseen_kind_worst_sens", "unseen_kind_worst_spec")
+
+
+def load(path: Path) -> tuple[np.ndarray, np.ndarray, Probs]:
+    """Labels, patient ids and ``{copy: probabilities}`` of one ``--save-probs`` file."""
+    with np.load(path) as f:
+        probs = {k[2:]: f[k] for k in f.files if k.startswith("p:")}
+        return f["y"].astype(bool), f["patient"], probs
+
+
+def sens_spec(y: np.ndarray, p: np.ndarray, t: float) -> tuple[float, float]:
+    return float((p[y] >= t).mean()), float((p[~y] < t).mean())
+
+
+def score(y: np.ndarray, probs: Probs, t: float) -> dict[str, float]:
+    """Clean and shifted sensitivity/specificity at cut ``t``: the worst and mean over the shifted copies."""
+    per = {k: sens_spec(y, p, t) for k, p in probs.items()}
+    shifted = [v for k, v in per.items() if k != "clean"]
+    return {"threshold": t, "clean_sens": per["clean"][0], "clean_spec": per["clean"][1],
+            "worst_sens": min(v[0] for v in shifted), "worst_spec": min(v[1] for v in shifted),
+            "mean_sens": float(np.mean([v[0] for v in shifted])), "mean_spec": float(np.mean([v[1] for v in shifted]))}
+
+
+def families(probs: Probs) -> list[str]:
+    return sorted({k.split("/")[0] for k in probs if k != "clean"})
+
+
+def cross_fit(y: np.ndarray, patients: np.ndarray, probs: Probs, repeats: int,
+              seed: int) -> dict[str, dict[str, float]]:
+    """Each rule's scores on held-out patients (and held-out shift families), averaged over
+    ``repeats`` random patient halves, each half used once for choosing and once for scoring."""
+    rng = np.random.default_rng(seed)
+    # halves stratified by class: a patient's images share one label in these data sets (any
+    # positive image makes the patient positive otherwise), so each half holds both classes
+    ids = np.unique(patients)
+    positive = np.array([y[patients == i].any() for i in ids])
+    if min(positive.sum(), (~positive).sum()) < 2:
+        raise SystemExit("threshold_rules: need at least two patients of each class to split them in halves")
+    out: dict[str, list[dict[str, float]]] = {r: [] for r in RULES}
+    for _ in range(repeats):
+        chosen = [rng.permutation(ids[m])[: m.sum() // 2] for m in (positive, ~positive)]
+        first = np.isin(patients, np.concatenate(chosen))
+        for fit in (first, ~first):
+            held = ~fit
+            fit_probs = {k: p[fit] for k, p in probs.items()}
+            held_probs = {k: p[held] for k, p in probs.items()}
+            for name, rule in RULES.items():
+                row = score(y[held], held_probs, rule(y[fit], fit_probs))
+                unseen = []
+                for fam in families(probs):
+                    t = rule(y[fit], {k: p for k, p in fit_probs.items() if k.split("/")[0] != fam})
+                    unseen += [sens_spec(y[held], p, t) for k, p in held_probs.items() if k.split("/")[0] == fam]
+                row["unseen_kind_worst_sens"] = min(v[0] for v in unseen)
+                row["unseen_kind_worst_spec"] = min(v[1] for v in unseen)
+                out[name].append(row)
+    return {name: {c: float(np.mean([r[c] for r in rows])) for c in COLUMNS} for name, rows in out.items()}
+
+
+def in_sample(y: np.ndarray, probs: Probs) -> dict[str, dict[str, float]]:
+    return {name: score(y, probs, rule(y, probs)) for name, rule in RULES.items()}
+
+
+def table(title: str, results: dict[str, dict[str, dict[str, float]]], columns: tuple[str, ...]) -> str:
+    lines = [f"\n{title}", "| checkpoint | rule | " + " | ".join(columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for ckpt, rules in results.items():
+        for name, row in rules.items():
+            lines.append(f"| {ckpt} | {name} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", type=Path, nargs="+", help="npz files of bench/threshold_epochs.py --save-probs")
+    p.add_argument("--repeats", type=int, default=10, help="random patient halves per checkpoint (each used both ways)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    inside, held = {}, {}
+    for path in a.files:
+        y, patients, probs = load(path)
+        if "clean" not in probs or len(probs) < 2:
+            raise SystemExit(f"{path}: no clean and shifted probabilities "
+                             "(write it with threshold_epochs.py --save-probs)")
+        inside[path.stem] = in_sample(y, probs)
+        held[path.stem] = cross_fit(y, patients, probs, a.repeats, a.seed)
+        print(f"{path.stem}: {len(y)} images, {len(np.unique(patients))} patients, {len(probs) - 1} shifted copies",
+              flush=True)
+    print(table("In-sample (cut chosen and scored on all validation images)", inside, COLUMNS[:7]))
+    print(table(f"Held-out patients ({a.repeats} random halves x 2), and a held-out shift family", held, COLUMNS))
+    if len(held) > 1:
+        print(f"\nMean over the {len(held)} checkpoints (held out)")
+        print("| rule | " + " | ".join(COLUMNS) + " |\n|---|" + "---|" * len(COLUMNS))
+        for name in RULES:
+            print(f"| {name} | " + " | ".join(f"{np.mean([h[name][c] for h in held.values()]):.3f}" for c in COLUMNS)
+                  + " |")
+
+
+if __name__ == "__main__":
+    main()
