@@ -168,10 +168,12 @@ class Config:
     """Where the disk cache lives; default ``OUT_DIR/feature_cache``."""
 
     # --- evaluation ----------------------------------------------------------------------------
-    threshold_method: Literal["shift_robust", "youden", "sensitivity"] = "shift_robust"
+    threshold_method: Literal["shift_robust", "shift_worst", "youden", "sensitivity"] = "shift_robust"
     """How the operating threshold stored in best.ckpt is chosen on validation after training:
     'shift_robust' (maximal Youden J averaged over validation clean and under the 24 shifts of the
-    robustness suite), 'youden' (clean validation only) or 'sensitivity' (target_sensitivity)."""
+    robustness suite), 'shift_worst' (maximal smallest J over those copies: a minimax cut, higher
+    specificity under the worst shift for some sensitivity; bench/threshold_rules.py), 'youden' (clean
+    validation only) or 'sensitivity' (target_sensitivity)."""
     target_sensitivity: float = 0.95
     """Sensitivity the 'sensitivity' threshold method aims for on validation."""
 

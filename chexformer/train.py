@@ -260,7 +260,8 @@ def fit(trainer: L.Trainer, module: ChexFormerModule, dm: XrayDataModule, run: R
 def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path) -> dict[str, Any]:
     """After training, with the best checkpoint: score validation clean, under the robustness
     suite and with TTA; store in the checkpoint the operating threshold of ``cfg.threshold_method``
-    (for 'shift_robust': maximal mean Youden J over the clean and the 24 shifted copies), the
+    (for 'shift_robust': maximal mean Youden J over the clean and the 24 shifted copies; for
+    'shift_worst': maximal smallest J over them), the
     threshold for TTA and the out-of-population guard (fitted on up to 1,000 training images,
     thresholded on validation); write ``OUT/validation_shift_suite.json``. Returns the suite's table."""
     start = time.perf_counter()
@@ -270,13 +271,14 @@ def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path) 
     probs = {k: predictor.probabilities(v) for k, v in logits.items()}
     youden = float(metrics.choose_threshold(y, probs["clean"], "youden"))
     robust = robust_threshold(y, probs)
-    if cfg.threshold_method == "shift_robust":
-        threshold = robust
+    worst = robust_threshold(y, probs, aggregate="worst")
+    if cfg.threshold_method in ("shift_robust", "shift_worst"):
+        threshold = robust if cfg.threshold_method == "shift_robust" else worst
     else:
         threshold = float(metrics.choose_threshold(y, probs["clean"], cfg.threshold_method, cfg.target_sensitivity))
     images = [val_images.uint8(i) for i in range(len(val_images))]
     tta_prob = np.concatenate([predictor.predict_images(images[i:i + 32], tta=True) for i in range(0, len(images), 32)])
-    tta_threshold = robust_threshold(y, {"clean": tta_prob}) if cfg.threshold_method == "shift_robust" else \
+    tta_threshold = robust_threshold(y, {"clean": tta_prob}) if cfg.threshold_method.startswith("shift_") else \
         float(metrics.choose_threshold(y, tta_prob, cfg.threshold_method, cfg.target_sensitivity))
     guard = None
     if len(train_images) >= MIN_GUARD_IMAGES and len(images) >= MIN_GUARD_IMAGES:
@@ -287,7 +289,7 @@ def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path) 
                     "(got %d and %d); predictions will carry no ood_score", MIN_GUARD_IMAGES, MIN_GUARD_IMAGES,
                     len(train_images), len(images))
     table = suite_table(y, probs, threshold)
-    table.update({"method": cfg.threshold_method, "youden_clean": youden, "shift_robust": robust,
+    table.update({"method": cfg.threshold_method, "youden_clean": youden, "shift_robust": robust, "shift_worst": worst,
                   "tta_threshold": tta_threshold, "guard_fitted": guard is not None,
                   "seconds": round(time.perf_counter() - start, 1)})
     obj = read_checkpoint_file(best)

@@ -94,8 +94,9 @@ def test_generalisation_report_and_threshold_epochs_on_two_tiny_seeds(tmp_path):
     runs = tmp_path / "runs"
     tiny = dict(img_size=64, d_model=32, num_heads=4, ffn_dim=64, num_layers=1, batch_size=16, epochs=1,
                 backbone_weights="none", num_workers=0, precision="32", log_images_every=0)
-    for seed in (0, 1):
-        train(Config(**tiny, data_dir=str(data), out_dir=str(runs / f"tiny-s{seed}"), seed=seed))
+    for seed, rule in ((0, "shift_robust"), (1, "shift_worst")):
+        train(Config(**tiny, data_dir=str(data), out_dir=str(runs / f"tiny-s{seed}"), seed=seed,
+                     threshold_method=rule))
     proc = _run(["bench/generalisation.py", "--report", "--out-dir", str(runs)])
     assert "| tiny-s0 |" in proc.stdout and "| tiny-s1 |" in proc.stdout
     assert "tiny: 2 seeds (mean, sd, min-max)" in proc.stdout
@@ -109,14 +110,18 @@ def test_generalisation_report_and_threshold_epochs_on_two_tiny_seeds(tmp_path):
     rows = json.loads(out.read_text())
     assert [r["checkpoint"] for r in rows] == ["best.ckpt", "final.ckpt"] and rows[0]["epoch"] == 0
     assert rows[0]["shift_robust"] == pytest.approx(stored[0], abs=1e-9)
-    # the kept probabilities give threshold_rules the same stored cut (in-sample, the stored rule)
+    # the kept probabilities give threshold_rules the cut each run stored (in-sample, its own rule)
     probs = tmp_path / "probs"
-    _run(["bench/threshold_epochs.py", "--runs", str(runs / "tiny-s0"), "--checkpoints", "best",
-          "--save-probs", str(probs)])
+    _run(["bench/threshold_epochs.py", "--runs", str(runs / "tiny-s0"), str(runs / "tiny-s1"), "--checkpoints",
+          "best", "--save-probs", str(probs)])
     rules = _threshold_rules()
     y, patients, p = rules.load(probs / "tiny-s0-best.npz")
     assert len(p) == 25 and len(y) == len(patients) == len(p["clean"]) and "resolution/severe" in p
     assert rules.in_sample(y, p)["shift_robust"]["threshold"] == pytest.approx(stored[0], abs=1e-9)
+    y, _, p = rules.load(probs / "tiny-s1-best.npz")
+    assert rules.in_sample(y, p)["worst"]["threshold"] == pytest.approx(stored[1], abs=1e-9)
+    suite1 = json.loads((runs / "tiny-s1" / "validation_shift_suite.json").read_text())
+    assert suite1["method"] == "shift_worst" and suite1["shift_worst"] == pytest.approx(stored[1])
     proc = _run(["bench/threshold_rules.py", str(probs / "tiny-s0-best.npz"), "--repeats", "1"])
     assert "| tiny-s0-best | worst |" in proc.stdout and "Held-out patients" in proc.stdout
 

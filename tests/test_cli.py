@@ -75,7 +75,8 @@ def test_verbose_before_or_after_the_command():
 
 def test_bad_enumeration_value_is_one_clear_message(caplog):
     assert main(["summary", "--threshold-method", "youdn"]) == 2
-    assert "threshold_method: expected one of shift_robust, youden, sensitivity, got 'youdn'" in caplog.text
+    assert ("threshold_method: expected one of shift_robust, shift_worst, youden, sensitivity, got 'youdn'"
+            in caplog.text)
     assert "did you mean 'youden'?" in caplog.text
 
 

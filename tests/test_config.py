@@ -106,14 +106,14 @@ def test_every_field_has_a_docstring_and_the_option_help_shows_it():
     add_config_arguments(parser)
     text = " ".join(parser.format_help().split())
     assert "--img-size INT Square input side in pixels; a multiple of 32" in text and "(default: 224)" in text
-    assert "--threshold-method {shift_robust,youden,sensitivity} How the operating threshold" in text
+    assert "--threshold-method {shift_robust,shift_worst,youden,sensitivity} How the operating threshold" in text
     assert "(default: shift_robust)" in text and "--freeze-cnn BOOL" in text and "(default: false)" in text
     assert "--batch-size INT Images per training step" in text
 
 
 def test_enumeration_fields_are_literals():
     choices = field_choices()
-    assert choices["threshold_method"] == ("shift_robust", "youden", "sensitivity")
+    assert choices["threshold_method"] == ("shift_robust", "shift_worst", "youden", "sensitivity")
     assert choices["intensity"] == ("stretch", "equalize")
     assert {"arch", "backbone_weights", "class_weighting", "preload", "cache_features", "precision",
             "accelerator"} <= set(choices)
@@ -125,7 +125,7 @@ def test_literal_coercion():
     assert Config.from_dict({"precision": 32}).precision == "32"  # YAML reads `precision: 32` as an int
     with pytest.raises(ConfigError) as err:
         Config.from_dict({"threshold_method": "youdn"})
-    assert ("threshold_method: expected one of shift_robust, youden, sensitivity, got 'youdn' "
+    assert ("threshold_method: expected one of shift_robust, shift_worst, youden, sensitivity, got 'youdn' "
             "(did you mean 'youden'?)") in str(err.value)
     with pytest.raises(ConfigError) as err:
         Config.from_dict({"arch": "transformer"})
