@@ -25,15 +25,12 @@ the copies, maximised: a minimax cut). Also printed: each rule chosen and scored
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from chexformer.robustness import robust_threshold  # noqa: E402
+from chexformer.robustness import robust_threshold
 
 Probs = dict[str, np.ndarray]
 
