@@ -153,7 +153,7 @@ class ChexFormerModule(L.LightningModule):
             prob = metrics.apply_platt(lg[:, 0], self.temperature, self.bias)
             if self.cfg.threshold_method == "sensitivity":
                 self.threshold = float(metrics.choose_threshold(y, prob, "sensitivity", self.cfg.target_sensitivity))
-            else:  # Youden's J on clean validation, middle of its best range; shift_robust is set after training
+            else:  # Youden's J on clean validation, middle of its best range; shift_* cuts are set after training
                 self.threshold = robust_threshold(y, {"clean": prob})
         else:
             self.temperature = float(metrics.fit_temperature(lg, y, multiclass=True))

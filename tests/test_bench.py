@@ -161,6 +161,22 @@ def test_threshold_rules_scores_a_shift_family_the_cut_was_not_chosen_on():
     assert all(h["clean_sens"] == 1.0 for h in held.values())
 
 
+def test_threshold_rules_halves_keep_patients_whole_and_both_classes_on_each_side():
+    import numpy as np
+
+    rules = _threshold_rules()
+    patients = np.repeat([f"p{i}" for i in range(40)], 3)  # three images a patient
+    y = np.repeat(np.arange(40) < 10, 3)  # 10 positive patients, 30 negative
+    masks = list(rules.halves(y, patients, repeats=3, seed=1))
+    assert len(masks) == 6 and all((a == ~b).all() for a, b in zip(masks[::2], masks[1::2]))
+    assert len({m.tobytes() for m in masks[::2]}) == 3  # three different splits
+    for fit in masks:
+        assert set(patients[fit]).isdisjoint(patients[~fit])
+        assert y[fit].sum() == 5 * 3 and (~y[fit]).sum() == 15 * 3  # stratified: half of each class
+    with pytest.raises(SystemExit, match="two patients of each class"):
+        next(rules.halves(y[:6], patients[:6], repeats=1, seed=0))
+
+
 def test_resume_check_finds_the_resumed_recipe_identical(tiny_xrays, tmp_path):
     """The recipe's config (acquisition augmentation, EMA, plateau schedule, shift-robust threshold)
     at toy size: stopped after one epoch and resumed, it must retrace the uninterrupted run."""
