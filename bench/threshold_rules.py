@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chexformer.robustness import robust_threshold
+from chexformer.robustness import robust_threshold, suite_table
 
 Probs = dict[str, np.ndarray]
 
@@ -61,16 +61,18 @@ def sens_spec(y: np.ndarray, p: np.ndarray, t: float) -> tuple[float, float]:
 
 
 def score(y: np.ndarray, probs: Probs, t: float) -> dict[str, float]:
-    """Clean and shifted sensitivity/specificity at cut ``t``: the worst and mean over the shifted copies."""
-    per = {k: sens_spec(y, p, t) for k, p in probs.items()}
-    shifted = [v for k, v in per.items() if k != "clean"]
-    return {"threshold": t, "clean_sens": per["clean"][0], "clean_spec": per["clean"][1],
-            "worst_sens": min(v[0] for v in shifted), "worst_spec": min(v[1] for v in shifted),
-            "mean_sens": float(np.mean([v[0] for v in shifted])), "mean_spec": float(np.mean([v[1] for v in shifted]))}
+    """The suite's table at cut ``t`` (:func:`chexformer.robustness.suite_table`): clean
+    sensitivity/specificity, and their worst and mean over the shifted copies."""
+    table = suite_table(y, probs, t)
+    clean = table["rows"]["clean"]
+    return {"threshold": t, "clean_sens": clean["sensitivity"], "clean_spec": clean["specificity"],
+            "worst_sens": table["worst"]["sensitivity"], "worst_spec": table["worst"]["specificity"],
+            "mean_sens": table["mean"]["sensitivity"], "mean_spec": table["mean"]["specificity"]}
 
 
-def families(probs: Probs) -> list[str]:
-    return sorted({k.split("/")[0] for k in probs if k != "clean"})
+def family(key: str) -> str:
+    """``"blur/severe"`` -> ``"blur"``."""
+    return key.split("/")[0]
 
 
 def cross_fit(y: np.ndarray, patients: np.ndarray, probs: Probs, repeats: int,
@@ -79,6 +81,7 @@ def cross_fit(y: np.ndarray, patients: np.ndarray, probs: Probs, repeats: int,
     ``repeats`` random patient halves, each half used once for choosing and once for scoring."""
     out: dict[str, list[dict[str, float]]] = {r: [] for r in RULES}
     fixed = {name: rule(y, probs) for name, rule in RULES.items()}  # chosen on all images
+    families = sorted({family(k) for k in probs if k != "clean"})
     for fit in halves(y, patients, repeats, seed):
         held = ~fit
         fit_probs = {k: p[fit] for k, p in probs.items()}
@@ -86,9 +89,9 @@ def cross_fit(y: np.ndarray, patients: np.ndarray, probs: Probs, repeats: int,
         for name, rule in RULES.items():
             row = score(y[held], held_probs, rule(y[fit], fit_probs))
             unseen = []
-            for fam in families(probs):
-                t = rule(y[fit], {k: p for k, p in fit_probs.items() if k.split("/")[0] != fam})
-                unseen += [sens_spec(y[held], p, t) for k, p in held_probs.items() if k.split("/")[0] == fam]
+            for fam in families:
+                t = rule(y[fit], {k: p for k, p in fit_probs.items() if family(k) != fam})
+                unseen += [sens_spec(y[held], p, t) for k, p in held_probs.items() if family(k) == fam]
             row["unseen_kind_worst_sens"] = min(v[0] for v in unseen)
             row["unseen_kind_worst_spec"] = min(v[1] for v in unseen)
             row["fixed_cut_worst_spec"] = score(y[held], held_probs, fixed[name])["worst_spec"]

@@ -272,13 +272,14 @@ def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path) 
     youden = float(metrics.choose_threshold(y, probs["clean"], "youden"))
     robust = robust_threshold(y, probs)
     worst = robust_threshold(y, probs, aggregate="worst")
-    if cfg.threshold_method in ("shift_robust", "shift_worst"):
-        threshold = robust if cfg.threshold_method == "shift_robust" else worst
+    shift_cuts = {"shift_robust": robust, "shift_worst": worst}
+    if cfg.threshold_method in shift_cuts:
+        threshold = shift_cuts[cfg.threshold_method]
     else:
         threshold = float(metrics.choose_threshold(y, probs["clean"], cfg.threshold_method, cfg.target_sensitivity))
     images = [val_images.uint8(i) for i in range(len(val_images))]
     tta_prob = np.concatenate([predictor.predict_images(images[i:i + 32], tta=True) for i in range(0, len(images), 32)])
-    tta_threshold = robust_threshold(y, {"clean": tta_prob}) if cfg.threshold_method.startswith("shift_") else \
+    tta_threshold = robust_threshold(y, {"clean": tta_prob}) if cfg.threshold_method in shift_cuts else \
         float(metrics.choose_threshold(y, tta_prob, cfg.threshold_method, cfg.target_sensitivity))
     guard = None
     if len(train_images) >= MIN_GUARD_IMAGES and len(images) >= MIN_GUARD_IMAGES:

@@ -126,13 +126,18 @@ def test_generalisation_report_and_threshold_epochs_on_two_tiny_seeds(tmp_path):
     assert "| tiny-s0-best | worst |" in proc.stdout and "Held-out patients" in proc.stdout
 
 
-def _threshold_rules():
+def _bench_module(name: str):
+    """A script of bench/ imported as a module (bench/ is no package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("threshold_rules", REPO / "bench" / "threshold_rules.py")
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _threshold_rules():
+    return _bench_module("threshold_rules")
 
 
 def test_threshold_rules_scores_a_shift_family_the_cut_was_not_chosen_on():
@@ -188,12 +193,9 @@ def test_resume_check_finds_the_resumed_recipe_identical(tiny_xrays, tmp_path):
     result = json.loads((out / "resume_check.json").read_text())
     assert result["identical"] is True and result["epochs"] == [3, 3], result
 
-    import importlib.util
     import shutil
 
-    spec = importlib.util.spec_from_file_location("resume_check", REPO / "bench" / "resume_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _bench_module("resume_check")
     other = tmp_path / "other"
     shutil.copytree(out / "resumed", other)
     lines = (other / "history.csv").read_text().splitlines()
