@@ -25,10 +25,9 @@ import numpy as np
 
 def measure_run(run: Path, checkpoints: list[str], save_probs: Path | None = None) -> Iterator[dict]:
     """One row per checkpoint of ``run``; the validation images are decoded once for all of them."""
-    from chexformer import metrics
     from chexformer.data import XrayDataset, read_split_csv
     from chexformer.inference import Predictor
-    from chexformer.robustness import robust_threshold, shift_suite_logits, suite_table
+    from chexformer.robustness import operating_threshold, shift_suite_logits, suite_table
 
     dataset = None
     for name in checkpoints:
@@ -44,12 +43,12 @@ def measure_run(run: Path, checkpoints: list[str], save_probs: Path | None = Non
             np.savez_compressed(save_probs / f"{run.name}-{name}.npz", y=y,  # group: split.csv's patient id
                                 patient=np.array([s.group for s in dataset.samples]),
                                 **{f"p:{k}": v for k, v in probs.items()})
-        robust = robust_threshold(y, probs)
+        robust, cuts = operating_threshold(y, probs, "shift_robust")
         table = suite_table(y, probs, robust)
         yield {"run": run.name, "checkpoint": f"{name}.ckpt",
                "epoch": predictor.meta.epoch,  # the epoch whose validation the weights and calibration come from
                "shift_robust": robust,
-               "youden_clean": float(metrics.choose_threshold(y, probs["clean"], "youden")),
+               "youden_clean": cuts["youden_clean"],
                "val_auc": table["rows"]["clean"]["roc_auc"], "worst_spec": table["worst"]["specificity"],
                "worst_auc": table["worst"]["roc_auc"]}
 

@@ -95,6 +95,22 @@ def robust_threshold(y: np.ndarray, probs: dict[str, np.ndarray], grid: int = 99
     return float(ts[best[len(best) // 2]])
 
 
+SHIFT_RULES = {"shift_robust": "mean", "shift_worst": "worst"}
+
+
+def operating_threshold(y: np.ndarray, probs: dict[str, np.ndarray], method: str,
+                        target_sensitivity: float = 0.95) -> tuple[float, dict[str, float]]:
+    """The operating threshold of ``method`` (a ``Config.threshold_method``) and every candidate
+    cut: ``youden_clean`` (sklearn's ROC point on ``probs["clean"]``), ``shift_robust`` and
+    ``shift_worst`` (:func:`robust_threshold` over all copies, mean or smallest J). 'youden' and
+    'sensitivity' look at the clean copy only."""
+    cuts = {"youden_clean": float(metrics.choose_threshold(y, probs["clean"], "youden"))}
+    cuts |= {rule: robust_threshold(y, probs, aggregate=agg) for rule, agg in SHIFT_RULES.items()}
+    if method in SHIFT_RULES:
+        return cuts[method], cuts
+    return float(metrics.choose_threshold(y, probs["clean"], method, target_sensitivity)), cuts
+
+
 def format_table(table: dict[str, Any]) -> str:
     """A plain-text table of :func:`suite_table`'s result."""
     lines = [f"{'shift':<22} {'AUC':>6} {'sens':>6} {'spec':>6} {'acc':>6}"]

@@ -42,7 +42,14 @@ from chexformer.guard import fit_guard
 from chexformer.inference import Predictor
 from chexformer.model import build_model
 from chexformer.module import ChexFormerModule
-from chexformer.robustness import format_table, robust_threshold, shift_suite_logits, suite_table
+from chexformer.robustness import (
+    SHIFT_RULES,
+    format_table,
+    operating_threshold,
+    robust_threshold,
+    shift_suite_logits,
+    suite_table,
+)
 from chexformer.runtime import default_device, resolve_accelerator, resolve_precision
 from chexformer.weights import init_backbone, read_checkpoint_file
 
@@ -269,17 +276,10 @@ def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path) 
     y = np.array([s.label for s in val_images.samples])
     logits = shift_suite_logits(predictor, val_images, seed=cfg.seed)
     probs = {k: predictor.probabilities(v) for k, v in logits.items()}
-    youden = float(metrics.choose_threshold(y, probs["clean"], "youden"))
-    robust = robust_threshold(y, probs)
-    worst = robust_threshold(y, probs, aggregate="worst")
-    shift_cuts = {"shift_robust": robust, "shift_worst": worst}
-    if cfg.threshold_method in shift_cuts:
-        threshold = shift_cuts[cfg.threshold_method]
-    else:
-        threshold = float(metrics.choose_threshold(y, probs["clean"], cfg.threshold_method, cfg.target_sensitivity))
+    threshold, cuts = operating_threshold(y, probs, cfg.threshold_method, cfg.target_sensitivity)
     images = [val_images.uint8(i) for i in range(len(val_images))]
     tta_prob = np.concatenate([predictor.predict_images(images[i:i + 32], tta=True) for i in range(0, len(images), 32)])
-    tta_threshold = robust_threshold(y, {"clean": tta_prob}) if cfg.threshold_method in shift_cuts else \
+    tta_threshold = robust_threshold(y, {"clean": tta_prob}) if cfg.threshold_method in SHIFT_RULES else \
         float(metrics.choose_threshold(y, tta_prob, cfg.threshold_method, cfg.target_sensitivity))
     guard = None
     if len(train_images) >= MIN_GUARD_IMAGES and len(images) >= MIN_GUARD_IMAGES:
@@ -290,7 +290,7 @@ def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path) 
                     "(got %d and %d); predictions will carry no ood_score", MIN_GUARD_IMAGES, MIN_GUARD_IMAGES,
                     len(train_images), len(images))
     table = suite_table(y, probs, threshold)
-    table.update({"method": cfg.threshold_method, "youden_clean": youden, "shift_robust": robust, "shift_worst": worst,
+    table.update({"method": cfg.threshold_method, **cuts,
                   "tta_threshold": tta_threshold, "guard_fitted": guard is not None,
                   "seconds": round(time.perf_counter() - start, 1)})
     obj = read_checkpoint_file(best)
@@ -304,7 +304,7 @@ def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path) 
     os.replace(tmp, best)
     (out / "validation_shift_suite.json").write_text(json.dumps(table, indent=2))
     log.info("validation under the robustness suite (threshold %.4f, %s; clean Youden %.4f):\n%s",
-             threshold, cfg.threshold_method, youden, format_table(table))
+             threshold, cfg.threshold_method, cuts["youden_clean"], format_table(table))
     return table
 
 

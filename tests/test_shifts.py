@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chexformer.data import standardize_intensity
-from chexformer.robustness import robust_threshold, suite_table
+from chexformer.robustness import operating_threshold, robust_threshold, suite_table
 from chexformer.shifts import SHIFT_SUITE, RandomAcquisition, apply_shift, standardize_tensor
 
 
@@ -80,3 +80,20 @@ def test_worst_case_threshold_balances_the_copies_the_mean_outvotes():
     assert abs(robust_threshold(y, probs, aggregate="worst") - 0.48) < 0.01
     with pytest.raises(ValueError, match="aggregate"):
         robust_threshold(y, probs, aggregate="median")
+
+
+def test_operating_threshold_returns_the_configured_rules_cut():
+    """The cut that training stores is the one of ``threshold_method``, on data where every rule's
+    cut differs (the tiny training run cannot tell them apart when they coincide)."""
+    y = np.array([0] * 300 + [1] * 300)
+    clean = np.r_[np.linspace(0.0, 0.3, 300), np.linspace(0.35, 1.0, 300)]
+    shifted = np.r_[np.linspace(0.0, 0.6, 300), np.linspace(0.7, 1.0, 300)]
+    probs = {"clean": clean} | {f"clean{i}": clean for i in range(4)} | {"s": shifted}
+    cuts = {m: operating_threshold(y, probs, m, target_sensitivity=0.5)[0]
+            for m in ("youden", "sensitivity", "shift_robust", "shift_worst")}
+    _, candidates = operating_threshold(y, probs, "youden")
+    assert cuts["youden"] == candidates["youden_clean"] and 0.3 <= cuts["youden"] <= 0.35
+    assert cuts["shift_robust"] == candidates["shift_robust"] and 0.3 <= cuts["shift_robust"] <= 0.35
+    assert cuts["shift_worst"] == candidates["shift_worst"] and abs(cuts["shift_worst"] - 0.48) < 0.01
+    assert abs(cuts["sensitivity"] - 0.675) < 0.01  # half the positives (0.35..1.0) at or above it
+    assert len(set(cuts.values())) == 4
