@@ -31,7 +31,8 @@ from chexformer.shifts import SHIFT_SUITE, apply_shift
 
 log = logging.getLogger(__name__)
 
-__all__ = ["shift_suite_logits", "suite_table", "robust_threshold", "SEVERITY_NAMES"]
+__all__ = ["shift_suite_logits", "suite_table", "robust_threshold", "operating_threshold", "SHIFT_RULES",
+           "SEVERITY_NAMES"]
 
 SEVERITY_NAMES = ("mild", "moderate", "severe")
 

@@ -88,12 +88,14 @@ def test_operating_threshold_returns_the_configured_rules_cut():
     y = np.array([0] * 300 + [1] * 300)
     clean = np.r_[np.linspace(0.0, 0.3, 300), np.linspace(0.35, 1.0, 300)]
     shifted = np.r_[np.linspace(0.0, 0.6, 300), np.linspace(0.7, 1.0, 300)]
-    probs = {"clean": clean} | {f"clean{i}": clean for i in range(4)} | {"s": shifted}
+    probs = {"clean": clean, "s": shifted}
     cuts = {m: operating_threshold(y, probs, m, target_sensitivity=0.5)[0]
             for m in ("youden", "sensitivity", "shift_robust", "shift_worst")}
     _, candidates = operating_threshold(y, probs, "youden")
     assert cuts["youden"] == candidates["youden_clean"] and 0.3 <= cuts["youden"] <= 0.35
-    assert cuts["shift_robust"] == candidates["shift_robust"] and 0.3 <= cuts["shift_robust"] <= 0.35
+    # mean J rises while shifted negatives leave the positive side (up to 0.6), falls after as clean
+    # positives drop below the cut; the minimax cut balances the two copies lower, at 0.48
+    assert cuts["shift_robust"] == candidates["shift_robust"] and 0.58 < cuts["shift_robust"] < 0.61
     assert cuts["shift_worst"] == candidates["shift_worst"] and abs(cuts["shift_worst"] - 0.48) < 0.01
     assert abs(cuts["sensitivity"] - 0.675) < 0.01  # half the positives (0.35..1.0) at or above it
     assert len(set(cuts.values())) == 4
