@@ -124,6 +124,10 @@ def test_generalisation_report_and_threshold_epochs_on_two_tiny_seeds(tmp_path):
     assert suite1["method"] == "shift_worst" and suite1["shift_worst"] == pytest.approx(stored[1])
     proc = _run(["bench/threshold_rules.py", str(probs / "tiny-s0-best.npz"), "--repeats", "1"])
     assert "| tiny-s0-best | worst |" in proc.stdout and "Held-out patients" in proc.stdout
+    proc = _run(["bench/suite_precision.py", str(runs / "tiny-s0"), "--families", "blur"])
+    assert "blur/severe" in proc.stdout and "crop/mild" not in proc.stdout
+    assert f"stored threshold {stored[0]:.3f}" in proc.stdout
+    assert "shift-robust cut on these copies: fp32" in proc.stdout
 
 
 def _bench_module(name: str):

@@ -1,0 +1,70 @@
+"""Could the post-training steps run in bf16? Scores a run's validation images clean and under some
+shift families in fp32 (what ``finalize_best`` and a default ``predict`` use) and with bf16 autocast
+(``predict --precision auto``), in one process, and prints the time ratio and what changes.
+
+    python bench/suite_precision.py runs/recipe_e14-s1 --families resolution crop
+
+Per copy: images/s in each precision and their ratio, the largest probability difference, and how
+many images change side of the run's stored threshold; then the shift-robust cut chosen on the
+scored copies in each precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chexformer.data import XrayDataset, read_split_csv
+from chexformer.inference import Predictor
+from chexformer.robustness import SEVERITY_NAMES, robust_threshold
+from chexformer.shifts import SHIFT_SUITE, apply_shift
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", type=Path)
+    p.add_argument("--checkpoint", default="best")
+    p.add_argument("--families", nargs="*", default=["resolution"], choices=[s.name for s in SHIFT_SUITE])
+    a = p.parse_args()
+    ckpt = a.run / "checkpoints" / f"{a.checkpoint}.ckpt"
+    predictors = {prec: Predictor.from_checkpoint(ckpt, device="cpu", precision=prec) for prec in ("32", "auto")}
+    fp32 = predictors["32"]
+    dataset = XrayDataset(read_split_csv(a.run / "split.csv", "val"), fp32.img_size, fp32.cfg.keep_aspect, preload=True)
+    y = np.array(dataset.labels)
+    images = [dataset.uint8(i) for i in range(len(dataset))]
+    copies = {"clean": images}
+    gen = torch.Generator().manual_seed(fp32.cfg.seed)
+    for shift in SHIFT_SUITE:
+        if shift.name in a.families:
+            for name, severity in zip(SEVERITY_NAMES, shift.severities):
+                copies[f"{shift.name}/{name}"] = [apply_shift(img, shift, severity, gen) for img in images]
+    cut = fp32.threshold()
+    print(f"{ckpt}: {len(images)} images, stored threshold {cut:.3f}, bf16 precision resolves to "
+          f"{predictors['auto'].precision}")
+    print(f"{'copy':<22} {'fp32 img/s':>10} {'bf16 img/s':>10} {'ratio':>6} {'max |dp|':>9} {'flips':>6}")
+    probs: dict[str, dict[str, np.ndarray]] = {"32": {}, "auto": {}}
+    totals = {"32": 0.0, "auto": 0.0}
+    for key, imgs in copies.items():
+        rate = {}
+        for prec, pred in predictors.items():
+            start = time.perf_counter()
+            probs[prec][key] = pred.predict_images(imgs)
+            seconds = time.perf_counter() - start
+            totals[prec] += seconds
+            rate[prec] = len(imgs) / seconds
+        d = np.abs(probs["32"][key] - probs["auto"][key])
+        flips = int(((probs["32"][key] >= cut) != (probs["auto"][key] >= cut)).sum())
+        print(f"{key:<22} {rate['32']:10.1f} {rate['auto']:10.1f} {rate['auto'] / rate['32']:5.2f}x "
+              f"{d.max():9.4f} {flips:6d}")
+    ratio = totals["32"] / totals["auto"]
+    print(f"all copies: fp32 {totals['32']:.1f} s, bf16 {totals['auto']:.1f} s, ratio {ratio:.2f}x")
+    print("shift-robust cut on these copies: fp32 {:.3f}, bf16 {:.3f}".format(
+        robust_threshold(y, probs["32"]), robust_threshold(y, probs["auto"])))
+
+
+if __name__ == "__main__":
+    main()
