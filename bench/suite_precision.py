@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from chexformer.data import XrayDataset, read_split_csv
 from chexformer.inference import Predictor
-from chexformer.robustness import SEVERITY_NAMES, robust_threshold
-from chexformer.shifts import SHIFT_SUITE, apply_shift
+from chexformer.robustness import robust_threshold, shifted_copies
+from chexformer.shifts import SHIFT_SUITE
 
 
 def main() -> None:
@@ -36,12 +35,7 @@ def main() -> None:
     dataset = XrayDataset(read_split_csv(a.run / "split.csv", "val"), fp32.img_size, fp32.cfg.keep_aspect, preload=True)
     y = np.array(dataset.labels)
     images = [dataset.uint8(i) for i in range(len(dataset))]
-    copies = {"clean": images}
-    gen = torch.Generator().manual_seed(fp32.cfg.seed)
-    for shift in SHIFT_SUITE:
-        if shift.name in a.families:
-            for name, severity in zip(SEVERITY_NAMES, shift.severities):
-                copies[f"{shift.name}/{name}"] = [apply_shift(img, shift, severity, gen) for img in images]
+    copies = dict(shifted_copies(images, fp32.cfg.seed, a.families))
     cut = fp32.threshold()
     print(f"{ckpt}: {len(images)} images, stored threshold {cut:.3f}, bf16 precision resolves to "
           f"{predictors['auto'].precision}")

@@ -20,6 +20,7 @@ Out: logits per shifted copy and the suite's table, for ``finalize_best`` (store
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ from chexformer.shifts import SHIFT_SUITE, apply_shift
 log = logging.getLogger(__name__)
 
 __all__ = ["shift_suite_logits", "suite_table", "robust_threshold", "operating_threshold", "SHIFT_RULES",
-           "SEVERITY_NAMES"]
+           "SEVERITY_NAMES", "shifted_copies"]
 
 SEVERITY_NAMES = ("mild", "moderate", "severe")
 
@@ -42,15 +43,27 @@ def shift_suite_logits(predictor: Predictor, dataset: data.XrayDataset, batch_si
                        seed: int = 0) -> dict[str, np.ndarray]:
     """Logits of every image of ``dataset`` clean (key ``"clean"``) and under every shift and
     severity (keys ``"blur/moderate"``...), each (N,) for binary or (N, C)."""
-    gen = torch.Generator().manual_seed(seed)
     images = [dataset.uint8(i) for i in range(len(dataset))]
-    out = {"clean": _logits(predictor, images, batch_size)}
-    for shift in SHIFT_SUITE:
-        for name, severity in zip(SEVERITY_NAMES, shift.severities):
-            shifted = [apply_shift(img, shift, severity, gen) for img in images]
-            out[f"{shift.name}/{name}"] = _logits(predictor, shifted, batch_size)
-        log.info("shift suite: %s done", shift.name)
+    out = {}
+    for key, copy in shifted_copies(images, seed):
+        out[key] = _logits(predictor, copy, batch_size)
+        if key.endswith("/" + SEVERITY_NAMES[-1]):
+            log.info("shift suite: %s done", key.split("/")[0])
     return out
+
+
+def shifted_copies(images: list[torch.Tensor], seed: int = 0,
+                   families: Sequence[str] | None = None) -> Iterator[tuple[str, list[torch.Tensor]]]:
+    """The suite's copies of ``images`` (uint8), one at a time: ``"clean"`` (the images themselves),
+    then every shift and severity (``"blur/moderate"``...), random draws from one generator seeded
+    with ``seed``. With ``families`` only those shifts; the draws of a random shift then match the
+    full suite's only if no random shift before it was left out."""
+    gen = torch.Generator().manual_seed(seed)
+    yield "clean", images
+    for shift in SHIFT_SUITE:
+        if families is None or shift.name in families:
+            for name, severity in zip(SEVERITY_NAMES, shift.severities):
+                yield f"{shift.name}/{name}", [apply_shift(img, shift, severity, gen) for img in images]
 
 
 def _logits(predictor: Predictor, images: list[torch.Tensor], batch_size: int) -> np.ndarray:
