@@ -113,7 +113,7 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
     fit(trainer, module, dm, run, resume)
     suite = None
     if trainer.is_global_zero and run.best.is_file() and len(dm.class_names) == 2 and dm.val_samples:
-        suite = finalize_best(run.best, dm.train_images, dm.val_images, cfg, run.out)
+        suite = finalize_best(run.best, dm.train_images, dm.val_images, cfg, run.out, precision)
     summary = run_summary(cfg, dm, run, trainer, best, weights_report, precision, module.use_features, suite)
     if not trainer.is_global_zero:
         return summary
@@ -264,23 +264,29 @@ def fit(trainer: L.Trainer, module: ChexFormerModule, dm: XrayDataModule, run: R
     trainer.save_checkpoint(run.final)
 
 
-def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path) -> dict[str, Any]:
+def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path,
+                  precision: str = "32") -> dict[str, Any]:
     """After training, with the best checkpoint: score validation clean, under the robustness
-    suite and with TTA; store in the checkpoint the operating threshold of ``cfg.threshold_method``
-    (for 'shift_robust': maximal mean Youden J over the clean and the 24 shifted copies; for
-    'shift_worst': maximal smallest J over them), the
-    threshold for TTA and the out-of-population guard (fitted on up to 1,000 training images,
-    thresholded on validation); write ``OUT/validation_shift_suite.json``. Returns the suite's table."""
+    suite and with TTA, in the run's training ``precision`` (bf16 autocast where the run trained in
+    bf16, the recipe on a CPU with AMX; the guard's features stay float32, as it scores them at
+    prediction); store in the checkpoint the operating threshold of ``cfg.threshold_method`` (for
+    'shift_robust': maximal mean Youden J over the clean and the 24 shifted copies; for
+    'shift_worst': maximal smallest J over them), the threshold for TTA and the out-of-population
+    guard (fitted on up to 1,000 training images, thresholded on validation); write
+    ``OUT/validation_shift_suite.json`` (with the precision and each step's seconds). Returns the
+    suite's table."""
     start = time.perf_counter()
-    predictor = Predictor.from_checkpoint(best, device=str(default_device(cfg.accelerator)))  # fp32, as inference
+    predictor = Predictor.from_checkpoint(best, device=str(default_device(cfg.accelerator)), precision=precision)
     y = np.array([s.label for s in val_images.samples])
     logits = shift_suite_logits(predictor, val_images, seed=cfg.seed)
     probs = {k: predictor.probabilities(v) for k, v in logits.items()}
     threshold, cuts = operating_threshold(y, probs, cfg.threshold_method, cfg.target_sensitivity)
+    steps = {"suite": time.perf_counter() - start}
     images = [val_images.uint8(i) for i in range(len(val_images))]
     tta_prob = np.concatenate([predictor.predict_images(images[i:i + 32], tta=True) for i in range(0, len(images), 32)])
     tta_threshold = robust_threshold(y, {"clean": tta_prob}) if cfg.threshold_method in SHIFT_RULES else \
         float(metrics.choose_threshold(y, tta_prob, cfg.threshold_method, cfg.target_sensitivity))
+    steps["tta"] = time.perf_counter() - start - steps["suite"]
     guard = None
     if len(train_images) >= MIN_GUARD_IMAGES and len(images) >= MIN_GUARD_IMAGES:
         step = max(1, len(train_images) // GUARD_MAX_TRAIN_IMAGES)
@@ -289,10 +295,12 @@ def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path) 
         log.warning("out-of-population guard NOT fitted: it needs at least %d training and %d validation images "
                     "(got %d and %d); predictions will carry no ood_score", MIN_GUARD_IMAGES, MIN_GUARD_IMAGES,
                     len(train_images), len(images))
+    steps["guard"] = time.perf_counter() - start - steps["suite"] - steps["tta"]
     table = suite_table(y, probs, threshold)
-    table.update({"method": cfg.threshold_method, **cuts,
+    table.update({"method": cfg.threshold_method, **cuts, "precision": predictor.precision,
                   "tta_threshold": tta_threshold, "guard_fitted": guard is not None,
-                  "seconds": round(time.perf_counter() - start, 1)})
+                  "seconds": round(time.perf_counter() - start, 1),
+                  "seconds_per_step": {k: round(v, 1) for k, v in steps.items()}})
     obj = read_checkpoint_file(best)
     obj["chexformer"]["threshold"] = threshold
     obj["chexformer"].setdefault("extra", {}).update({
@@ -303,8 +311,9 @@ def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path) 
     torch.save(obj, tmp)
     os.replace(tmp, best)
     (out / "validation_shift_suite.json").write_text(json.dumps(table, indent=2))
-    log.info("validation under the robustness suite (threshold %.4f, %s; clean Youden %.4f):\n%s",
-             threshold, cfg.threshold_method, cuts["youden_clean"], format_table(table))
+    log.info("validation under the robustness suite (threshold %.4f, %s; clean Youden %.4f; scored in %s; "
+             "suite %.0f s, TTA %.0f s, guard %.0f s):\n%s", threshold, cfg.threshold_method, cuts["youden_clean"],
+             predictor.precision, steps["suite"], steps["tta"], steps["guard"], format_table(table))
     return table
 
 

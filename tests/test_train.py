@@ -82,11 +82,23 @@ def test_short_run_writes_every_file(tiny_data, tmp_path):
     assert extra["guard"] is None and "validation_shift_suite" in extra  # too few images for a guard: skipped
     suite = json.loads((out / "validation_shift_suite.json").read_text())
     assert len(suite["rows"]) == 25 and suite["threshold"] == pytest.approx(meta.threshold)
+    assert suite["precision"] == "32" and set(suite["seconds_per_step"]) == {"suite", "tta", "guard"}
     # results of the test split
     assert (out / "results" / "metrics.json").is_file()
     # a second run into the same folder does not overwrite it
     with pytest.raises(RunExistsError):
         train(_cfg(tiny_data, out))
+
+
+def test_post_training_steps_score_in_the_runs_precision(tiny_data, tmp_path):
+    """A run trained in bf16 scores the suite and TTA in bf16 autocast (the recipe's CPU time),
+    and the threshold it stores is the one chosen on those scores."""
+    out = tmp_path / "bf16run"
+    train(_cfg(tiny_data, out, epochs=1, precision="bf16-mixed"), evaluate=False)
+    suite = json.loads((out / "validation_shift_suite.json").read_text())
+    _, meta = load_checkpoint(out / "checkpoints/best.ckpt")
+    assert suite["precision"] == "bf16-mixed" and meta.extra["validation_shift_suite"]["precision"] == "bf16-mixed"
+    assert suite["threshold"] == pytest.approx(meta.threshold) and 0 < meta.extra["tta_threshold"] < 1
 
 
 def test_csv_logger_records_metrics_and_hyperparameters(tiny_data, tmp_path):
