@@ -1,12 +1,15 @@
-"""Could the post-training steps run in bf16? Scores a run's validation images clean and under some
-shift families in fp32 (what ``finalize_best`` and a default ``predict`` use) and with bf16 autocast
-(``predict --precision auto``), in one process, and prints the time ratio and what changes.
+"""Do the post-training steps give the same answer in bf16? Scores a run's validation images clean
+and under the suite's shifts (all 24, or some families) in fp32 (a default ``predict``) and with bf16
+autocast (what ``finalize_best`` uses for a run trained in bf16, and ``predict --precision auto``),
+in one process, and prints the time ratio and what changes; then the same for the TTA pass.
 
-    python bench/suite_precision.py runs/recipe_e14-s1 --families resolution crop
+    python bench/suite_precision.py runs/recipe_e14-s42                      # all 25 copies + TTA
+    python bench/suite_precision.py runs/acq_zoom-s1 --families resolution crop --no-tta
 
 Per copy: images/s in each precision and their ratio, the largest probability difference, and how
 many images change side of the run's stored threshold; then the shift-robust cut chosen on the
-scored copies in each precision.
+scored copies in each precision. TTA (6 views of each clean image): the same columns at the stored
+TTA threshold, and the TTA cut chosen in each precision.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", type=Path)
     p.add_argument("--checkpoint", default="best")
-    p.add_argument("--families", nargs="*", default=["resolution"], choices=[s.name for s in SHIFT_SUITE])
+    p.add_argument("--families", nargs="*", default=None, choices=[s.name for s in SHIFT_SUITE],
+                   help="shift families to score (default: all, as finalize_best)")
+    p.add_argument("--no-tta", dest="tta", action="store_false", help="skip the TTA pass")
     a = p.parse_args()
     ckpt = a.run / "checkpoints" / f"{a.checkpoint}.ckpt"
     predictors = {prec: Predictor.from_checkpoint(ckpt, device="cpu", precision=prec) for prec in ("32", "auto")}
@@ -43,21 +48,39 @@ def main() -> None:
     probs: dict[str, dict[str, np.ndarray]] = {"32": {}, "auto": {}}
     totals = {"32": 0.0, "auto": 0.0}
     for key, imgs in copies.items():
-        rate = {}
-        for prec, pred in predictors.items():
-            start = time.perf_counter()
-            probs[prec][key] = pred.predict_images(imgs)
-            seconds = time.perf_counter() - start
-            totals[prec] += seconds
-            rate[prec] = len(imgs) / seconds
-        d = np.abs(probs["32"][key] - probs["auto"][key])
-        flips = int(((probs["32"][key] >= cut) != (probs["auto"][key] >= cut)).sum())
-        print(f"{key:<22} {rate['32']:10.1f} {rate['auto']:10.1f} {rate['auto'] / rate['32']:5.2f}x "
-              f"{d.max():9.4f} {flips:6d}")
+        totals = _compare(key, predictors, imgs, cut, probs, totals)
     ratio = totals["32"] / totals["auto"]
     print(f"all copies: fp32 {totals['32']:.1f} s, bf16 {totals['auto']:.1f} s, ratio {ratio:.2f}x")
     print("shift-robust cut on these copies: fp32 {:.3f}, bf16 {:.3f}".format(
         robust_threshold(y, probs["32"]), robust_threshold(y, probs["auto"])))
+    if a.tta:
+        tta: dict[str, dict[str, np.ndarray]] = {"32": {}, "auto": {}}
+        stored = fp32.threshold(tta=True)
+        seconds = _compare("clean, TTA", predictors, images, stored, tta, {"32": 0.0, "auto": 0.0}, tta=True)
+        print(f"TTA: fp32 {seconds['32']:.1f} s, bf16 {seconds['auto']:.1f} s; TTA cut (stored {stored:.3f}): "
+              f"fp32 {robust_threshold(y, {'clean': tta['32']['clean, TTA']}):.3f}, "
+              f"bf16 {robust_threshold(y, {'clean': tta['auto']['clean, TTA']}):.3f}")
+
+
+def _compare(key: str, predictors: dict[str, Predictor], imgs: list, cut: float,
+             probs: dict[str, dict[str, np.ndarray]], totals: dict[str, float], tta: bool = False) -> dict[str, float]:
+    """Score ``imgs`` in each precision into ``probs[prec][key]``, print one row, add the seconds."""
+    rate = {}
+    for prec, pred in predictors.items():
+        start = time.perf_counter()
+        if tta:  # in chunks of 32 images, as finalize_best (6 views each)
+            probs[prec][key] = np.concatenate([pred.predict_images(imgs[i:i + 32], tta=True)
+                                               for i in range(0, len(imgs), 32)])
+        else:
+            probs[prec][key] = pred.predict_images(imgs)
+        seconds = time.perf_counter() - start
+        totals[prec] += seconds
+        rate[prec] = len(imgs) / seconds
+    d = np.abs(probs["32"][key] - probs["auto"][key])
+    flips = int(((probs["32"][key] >= cut) != (probs["auto"][key] >= cut)).sum())
+    print(f"{key:<22} {rate['32']:10.1f} {rate['auto']:10.1f} {rate['auto'] / rate['32']:5.2f}x "
+          f"{d.max():9.4f} {flips:6d}")
+    return totals
 
 
 if __name__ == "__main__":

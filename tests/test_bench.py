@@ -128,6 +128,14 @@ def test_generalisation_report_and_threshold_epochs_on_two_tiny_seeds(tmp_path):
     assert "blur/severe" in proc.stdout and "crop/mild" not in proc.stdout
     assert f"stored threshold {stored[0]:.3f}" in proc.stdout
     assert "shift-robust cut on these copies: fp32" in proc.stdout
+    tta_stored = json.loads((runs / "tiny-s0" / "validation_shift_suite.json").read_text())["tta_threshold"]
+    assert "clean, TTA" in proc.stdout and f"TTA cut (stored {tta_stored:.3f}): fp32" in proc.stdout
+    # every device and precision this machine has scores the checkpoint; CPU fp32 is the reference row
+    proc = _run(["bench/device_parity.py", str(runs / "tiny-s0" / "checkpoints" / "best.ckpt"), str(data),
+                 "--max-images", "8"])
+    rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("cpu ", "cuda "))]
+    assert rows[0][:2] == ["cpu", "32"] and rows[0][3:7] == ["0.00000", "0", "0.00000", "0"]
+    assert ["cpu", "bf16-mixed"] == rows[-1][:2] and len(rows) == (4 if __import__("torch").cuda.is_available() else 2)
 
 
 def _bench_module(name: str):
