@@ -1,12 +1,14 @@
 """Does a checkpoint score alike on every device and precision this machine has? One process scores
-the same labelled folder on the CPU in fp32 (the reference: a default ``predict``) and then, where
-they exist, the CPU in bf16 autocast and a CUDA GPU in fp32 and in its autocast precision.
+the same images (a folder, scanned recursively) on the CPU in fp32 (the reference: a default
+``predict``), then, where CUDA exists, on the GPU in fp32 and in its autocast precision, and last on
+the CPU in bf16 autocast.
 
-    python bench/device_parity.py runs/demo/checkpoints/best.ckpt runs/demo/demo-data/val
+    python bench/device_parity.py runs/demo/checkpoints/best.ckpt runs/demo/demo-data
 
 Per setting: images/s, the largest probability difference from the reference, images changing side
 of the stored threshold (plain and, where stored, the TTA threshold with TTA views) and the largest
-relative difference of the out-of-population guard's scores (its features are always float32).
+relative difference of the out-of-population guard's scores (its features are computed without
+autocast; on CUDA, convolutions may still use TF32).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ too), then continues it with ``chexformer train --out-dir OUT/resumed --resume -
 the config's E epochs. The uninterrupted run is ``--fresh RUN`` (a finished run of the same
 config, seed and data) or, without it, trained into ``OUT/fresh``. Compared: every column of
 ``history.csv`` but the seconds, ``final.ckpt``'s weights, optimiser and scheduler state, and the
-stored threshold and rows of ``validation_shift_suite.json`` (seconds aside). Writes
+stored threshold and rows of ``validation_shift_suite.json`` (timings aside). Writes
 ``OUT/resume_check.json``; exits 1 when the two runs differ. Exact only with ``num_workers: 0``
 (loader workers' generators are not checkpointed) and on one machine (kernels differ across CPUs).
 """
@@ -60,7 +60,7 @@ def _tensors_differ(a: Any, b: Any, path: str = "") -> list[str]:
 
 def _without_seconds(x: Any) -> Any:
     if isinstance(x, dict):
-        return {k: _without_seconds(v) for k, v in x.items() if k != "seconds"}
+        return {k: _without_seconds(v) for k, v in x.items() if k not in ("seconds", "seconds_per_step")}
     if isinstance(x, list):
         return [_without_seconds(v) for v in x]
     return x

@@ -8,7 +8,10 @@ robustness suite with ``best.ckpt`` and ``final.ckpt`` (the last epoch; ``--chec
 others, e.g. ``lowest_val_loss`` of a run with ``checkpoint_selection: last``), and prints, per
 checkpoint, the threshold the shift-robust rule would store, the clean-Youden cut, and the
 suite's worst-case specificity at the shift-robust cut. The epoch each checkpoint comes from is
-read from the checkpoint (0-based, as in ``history.csv``). fp32 on the CPU, as ``chexformer predict``.
+read from the checkpoint (0-based, as in ``history.csv``). On the CPU, in the precision the run's
+post-training steps used (``validation_shift_suite.json``; bf16 for the recipe since f16c54a, fp32
+before and for runs trained in fp32), so the best checkpoint's cut is the stored one; ``--precision``
+overrides it (``32``: as a default ``chexformer predict`` scores).
 ``--save-probs DIR`` also keeps every copy's probabilities (``DIR/<run>-<checkpoint>.npz``, with
 labels and patient ids) for ``bench/threshold_rules.py``, which compares threshold rules on them.
 """
@@ -23,15 +26,23 @@ from pathlib import Path
 import numpy as np
 
 
-def measure_run(run: Path, checkpoints: list[str], save_probs: Path | None = None) -> Iterator[dict]:
+def run_precision(run: Path) -> str:
+    """The precision the run's post-training steps scored in ('32' for runs that predate the record)."""
+    suite = run / "validation_shift_suite.json"
+    return json.loads(suite.read_text()).get("precision", "32") if suite.is_file() else "32"
+
+
+def measure_run(run: Path, checkpoints: list[str], save_probs: Path | None = None,
+                precision: str | None = None) -> Iterator[dict]:
     """One row per checkpoint of ``run``; the validation images are decoded once for all of them."""
     from chexformer.data import XrayDataset, read_split_csv
     from chexformer.inference import Predictor
     from chexformer.robustness import operating_threshold, shift_suite_logits, suite_table
 
     dataset = None
+    precision = precision or run_precision(run)
     for name in checkpoints:
-        predictor = Predictor.from_checkpoint(run / "checkpoints" / f"{name}.ckpt", device="cpu")
+        predictor = Predictor.from_checkpoint(run / "checkpoints" / f"{name}.ckpt", device="cpu", precision=precision)
         if dataset is None:  # every checkpoint of a run shares its config (image size, aspect)
             dataset = XrayDataset(read_split_csv(run / "split.csv", "val"), predictor.img_size,
                                   predictor.cfg.keep_aspect, preload=True)
@@ -47,6 +58,7 @@ def measure_run(run: Path, checkpoints: list[str], save_probs: Path | None = Non
         table = suite_table(y, probs, robust)
         yield {"run": run.name, "checkpoint": f"{name}.ckpt",
                "epoch": predictor.meta.epoch,  # the epoch whose validation the weights and calibration come from
+               "precision": predictor.precision,
                "shift_robust": robust,
                "youden_clean": cuts["youden_clean"],
                "val_auc": table["rows"]["clean"]["roc_auc"], "worst_spec": table["worst"]["specificity"],
@@ -59,13 +71,15 @@ def main() -> None:
     p.add_argument("--checkpoints", nargs="+", default=["best", "final"])
     p.add_argument("--output", type=Path, help="also write the rows as JSON here")
     p.add_argument("--save-probs", type=Path, help="keep every copy's probabilities here (npz per checkpoint)")
+    p.add_argument("--precision", choices=["32", "bf16-mixed"],
+                   help="score in this precision (default: the one each run's post-training steps used)")
     a = p.parse_args()
     print("| run | checkpoint | epoch | shift-robust cut | clean-Youden cut | val AUC | suite worst AUC "
           "| suite worst spec |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for run in a.runs:
-        for r in measure_run(run, a.checkpoints, a.save_probs):
+        for r in measure_run(run, a.checkpoints, a.save_probs, a.precision):
             rows.append(r)
             print(f"| {r['run']} | {r['checkpoint']} | {r['epoch']} | {r['shift_robust']:.3f} | "
                   f"{r['youden_clean']:.3f} | {r['val_auc']:.3f} | {r['worst_auc']:.3f} | {r['worst_spec']:.3f} |",

@@ -145,7 +145,7 @@ def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda[:N] (default: auto)")
     p.add_argument("--precision", default="32", choices=["32", "auto", "bf16-mixed", "16-mixed"],
                    help="32 (default: every command gives the same numbers); auto / bf16-mixed: 1.3-2x faster on CPUs "
-                        "with native bf16 (bench/predict_speed.py), but moved probabilities by up to 3.9e-3")
+                        "with native bf16 (bench/predict_speed.py); moved a trained model's probabilities up to 0.028")
     p.add_argument("--backend", default="eager", choices=["eager", "jit", "auto"],
                    help="eager PyTorch (default); jit: TorchScript trace+freeze (CPU), faster per batch but slower "
                         "to start; auto: jit on CPU when it matches eager fp32 within 1e-3 on a probe batch")

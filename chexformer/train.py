@@ -276,7 +276,8 @@ def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path,
     ``OUT/validation_shift_suite.json`` (with the precision and each step's seconds). Returns the
     suite's table."""
     start = time.perf_counter()
-    predictor = Predictor.from_checkpoint(best, device=str(default_device(cfg.accelerator)), precision=precision)
+    scoring = "bf16-mixed" if precision == "bf16-true" else precision  # fp32 weights, bf16 autocast
+    predictor = Predictor.from_checkpoint(best, device=str(default_device(cfg.accelerator)), precision=scoring)
     y = np.array([s.label for s in val_images.samples])
     logits = shift_suite_logits(predictor, val_images, seed=cfg.seed)
     probs = {k: predictor.probabilities(v) for k, v in logits.items()}

@@ -90,15 +90,36 @@ def test_short_run_writes_every_file(tiny_data, tmp_path):
         train(_cfg(tiny_data, out))
 
 
-def test_post_training_steps_score_in_the_runs_precision(tiny_data, tmp_path):
+def test_post_training_steps_score_in_the_runs_precision(tiny_data, tmp_path, monkeypatch):
     """A run trained in bf16 scores the suite and TTA in bf16 autocast (the recipe's CPU time),
-    and the threshold it stores is the one chosen on those scores."""
+    and the threshold it stores is the one chosen on those scores: re-scoring validation in bf16
+    (as bench/threshold_epochs.py does by default) gives the stored cut back."""
+    from chexformer.data import XrayDataset, read_split_csv
+    from chexformer.inference import Predictor
+    from chexformer.robustness import operating_threshold, shift_suite_logits
+
+    built = []
+    load = Predictor.from_checkpoint.__func__
+
+    def spy(cls, path, **kwargs):
+        predictor = load(cls, path, **kwargs)
+        built.append(predictor.precision)
+        return predictor
+
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(spy))
     out = tmp_path / "bf16run"
     train(_cfg(tiny_data, out, epochs=1, precision="bf16-mixed"), evaluate=False)
+    monkeypatch.undo()
+    assert built == ["bf16-mixed"]  # the one Predictor of the post-training steps
     suite = json.loads((out / "validation_shift_suite.json").read_text())
     _, meta = load_checkpoint(out / "checkpoints/best.ckpt")
     assert suite["precision"] == "bf16-mixed" and meta.extra["validation_shift_suite"]["precision"] == "bf16-mixed"
     assert suite["threshold"] == pytest.approx(meta.threshold) and 0 < meta.extra["tta_threshold"] < 1
+    rescore = Predictor.from_checkpoint(out / "checkpoints/best.ckpt", device="cpu", precision="bf16-mixed")
+    val = XrayDataset(read_split_csv(out / "split.csv", "val"), rescore.img_size, rescore.cfg.keep_aspect, preload=True)
+    probs = {k: rescore.probabilities(v) for k, v in shift_suite_logits(rescore, val, seed=meta.config.seed).items()}
+    y = __import__("numpy").array(val.labels)
+    assert operating_threshold(y, probs, meta.extra["threshold_rule"])[0] == pytest.approx(meta.threshold, abs=1e-9)
 
 
 def test_csv_logger_records_metrics_and_hyperparameters(tiny_data, tmp_path):
