@@ -49,7 +49,8 @@ def main() -> None:
     probs: dict[str, dict[str, np.ndarray]] = {"32": {}, "bf16-mixed": {}}
     totals = {"32": 0.0, "bf16-mixed": 0.0}
     for key, imgs in copies.items():
-        totals = _compare(key, predictors, imgs, cut, probs, totals)
+        for prec, seconds in _compare(key, predictors, imgs, cut, probs).items():
+            totals[prec] += seconds
     ratio = totals["32"] / totals["bf16-mixed"]
     print(f"all copies: fp32 {totals['32']:.1f} s, bf16 {totals['bf16-mixed']:.1f} s, ratio {ratio:.2f}x")
     print("shift-robust cut on these copies: fp32 {:.3f}, bf16 {:.3f}".format(
@@ -57,16 +58,16 @@ def main() -> None:
     if a.tta:
         tta: dict[str, dict[str, np.ndarray]] = {"32": {}, "bf16-mixed": {}}
         stored = fp32.threshold(tta=True)
-        seconds = _compare("clean, TTA", predictors, images, stored, tta, {"32": 0.0, "bf16-mixed": 0.0}, tta=True)
+        seconds = _compare("clean, TTA", predictors, images, stored, tta, tta=True)
         print(f"TTA: fp32 {seconds['32']:.1f} s, bf16 {seconds['bf16-mixed']:.1f} s; TTA cut (stored {stored:.3f}): "
               f"fp32 {robust_threshold(y, {'clean': tta['32']['clean, TTA']}):.3f}, "
               f"bf16 {robust_threshold(y, {'clean': tta['bf16-mixed']['clean, TTA']}):.3f}")
 
 
 def _compare(key: str, predictors: dict[str, Predictor], imgs: list, cut: float,
-             probs: dict[str, dict[str, np.ndarray]], totals: dict[str, float], tta: bool = False) -> dict[str, float]:
-    """Score ``imgs`` in each precision into ``probs[prec][key]``, print one row, add the seconds."""
-    rate = {}
+             probs: dict[str, dict[str, np.ndarray]], tta: bool = False) -> dict[str, float]:
+    """Score ``imgs`` in each precision into ``probs[prec][key]``, print one row; the seconds of each."""
+    seconds = {}
     for prec, pred in predictors.items():
         start = time.perf_counter()
         if tta:  # in chunks of 32 images, as finalize_best (6 views each)
@@ -74,14 +75,13 @@ def _compare(key: str, predictors: dict[str, Predictor], imgs: list, cut: float,
                                                for i in range(0, len(imgs), 32)])
         else:
             probs[prec][key] = pred.predict_images(imgs)
-        seconds = time.perf_counter() - start
-        totals[prec] += seconds
-        rate[prec] = len(imgs) / seconds
+        seconds[prec] = time.perf_counter() - start
+    rate = {prec: len(imgs) / s for prec, s in seconds.items()}
     d = np.abs(probs["32"][key] - probs["bf16-mixed"][key])
     flips = int(((probs["32"][key] >= cut) != (probs["bf16-mixed"][key] >= cut)).sum())
     print(f"{key:<22} {rate['32']:10.1f} {rate['bf16-mixed']:10.1f} {rate['bf16-mixed'] / rate['32']:5.2f}x "
           f"{d.max():9.4f} {flips:6d}")
-    return totals
+    return seconds
 
 
 if __name__ == "__main__":

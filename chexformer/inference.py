@@ -94,7 +94,9 @@ class Predictor:
         self.cfg = meta.config
         self.device = resolve_device(device)
         accel = "gpu" if self.device.type == "cuda" else "cpu"
-        self.precision = resolve_precision(precision if precision != "auto" else "auto", accel)
+        self.precision = resolve_precision(precision, accel)
+        if self.precision == "bf16-true":  # a run trained in true bf16: the weights stay fp32 here, bf16 autocast
+            self.precision = "bf16-mixed"
         self.channels_last = bool(self.cfg.channels_last)
         self.model = model.eval().to(self.device)
         if self.channels_last:

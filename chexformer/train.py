@@ -276,18 +276,17 @@ def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path,
     ``OUT/validation_shift_suite.json`` (with the precision and each step's seconds). Returns the
     suite's table."""
     start = time.perf_counter()
-    scoring = "bf16-mixed" if precision == "bf16-true" else precision  # fp32 weights, bf16 autocast
-    predictor = Predictor.from_checkpoint(best, device=str(default_device(cfg.accelerator)), precision=scoring)
+    predictor = Predictor.from_checkpoint(best, device=str(default_device(cfg.accelerator)), precision=precision)
     y = np.array([s.label for s in val_images.samples])
     logits = shift_suite_logits(predictor, val_images, seed=cfg.seed)
     probs = {k: predictor.probabilities(v) for k, v in logits.items()}
     threshold, cuts = operating_threshold(y, probs, cfg.threshold_method, cfg.target_sensitivity)
-    steps = {"suite": time.perf_counter() - start}
+    laps = [start, time.perf_counter()]  # the end of each step: suite, TTA, guard
     images = [val_images.uint8(i) for i in range(len(val_images))]
     tta_prob = np.concatenate([predictor.predict_images(images[i:i + 32], tta=True) for i in range(0, len(images), 32)])
     tta_threshold = robust_threshold(y, {"clean": tta_prob}) if cfg.threshold_method in SHIFT_RULES else \
         float(metrics.choose_threshold(y, tta_prob, cfg.threshold_method, cfg.target_sensitivity))
-    steps["tta"] = time.perf_counter() - start - steps["suite"]
+    laps.append(time.perf_counter())
     guard = None
     if len(train_images) >= MIN_GUARD_IMAGES and len(images) >= MIN_GUARD_IMAGES:
         step = max(1, len(train_images) // GUARD_MAX_TRAIN_IMAGES)
@@ -296,12 +295,13 @@ def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path,
         log.warning("out-of-population guard NOT fitted: it needs at least %d training and %d validation images "
                     "(got %d and %d); predictions will carry no ood_score", MIN_GUARD_IMAGES, MIN_GUARD_IMAGES,
                     len(train_images), len(images))
-    steps["guard"] = time.perf_counter() - start - steps["suite"] - steps["tta"]
+    laps.append(time.perf_counter())
+    steps = dict(zip(("suite", "tta", "guard"), np.diff(laps)))
     table = suite_table(y, probs, threshold)
     table.update({"method": cfg.threshold_method, **cuts, "precision": predictor.precision,
                   "tta_threshold": tta_threshold, "guard_fitted": guard is not None,
                   "seconds": round(time.perf_counter() - start, 1),
-                  "seconds_per_step": {k: round(v, 1) for k, v in steps.items()}})
+                  "seconds_per_step": {k: round(float(v), 1) for k, v in steps.items()}})
     obj = read_checkpoint_file(best)
     obj["chexformer"]["threshold"] = threshold
     obj["chexformer"].setdefault("extra", {}).update({
