@@ -95,7 +95,17 @@ def row(out: Path) -> dict | None:
         "selection": summary.get("checkpoint_selection", "val_loss"), "loss_min_epoch": loss_min,
         # the per-epoch clean Youden cut (history.csv) that round 1 stored: how far it wanders
         "epoch_youden": f"{min(epoch_cuts):.2f}-{max(epoch_cuts):.2f}" if epoch_cuts else "?",
+        # the CPU (family/model/stepping): one seed trains another model on another CPU generation
+        "host": host_label(summary.get("environment", {})),
     }
+
+
+def host_label(env: dict) -> str:
+    """'6/207/2' from 'cpu family 6 model 207 stepping 2' (a GPU's name where one ran); '?' for older runs."""
+    if env.get("gpu"):
+        return env["gpu"]
+    numbers = (env.get("cpu_id") or "").split()[2::2]  # the values after 'cpu family', 'model', 'stepping'
+    return "/".join(numbers) or "?"
 
 
 SPREAD_COLS = ["threshold", "youden_clean", "val_auc", "val_sens", "val_spec", "suite_mean_auc", "suite_worst_auc",
@@ -106,7 +116,7 @@ def table(out: Path) -> str:
     rows = [r for d in sorted(out.iterdir()) if d.is_dir() and (r := row(d))]
     cols = ["run", "val_auc", "val_sens", "val_spec", "suite_mean_auc", "suite_worst_auc", "suite_mean_sens",
             "suite_mean_spec", "suite_worst_spec", "threshold", "youden_clean", "epoch_youden", "selection",
-            "loss_min_epoch", "epochs", "minutes"]
+            "loss_min_epoch", "epochs", "minutes", "host"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lines.append("| " + " | ".join(r[c] if isinstance(r[c], str) else f"{r[c]:.3f}" if isinstance(r[c], float)

@@ -35,8 +35,6 @@ import gc
 import json
 import logging
 import math
-import os
-import platform
 import re
 import statistics
 import sys
@@ -143,22 +141,6 @@ def _release() -> None:
 # ----------------------------------------------------------------------------------------------
 # Environment
 # ----------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def cpu_flags() -> set[str]:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def gpu_peak_tflops(name: str) -> float | None:
     for pattern, peak in PEAK_BF16_TFLOPS:
         if re.search(pattern, name, flags=re.IGNORECASE):
@@ -167,20 +149,10 @@ def gpu_peak_tflops(name: str) -> float | None:
 
 
 def environment(device: torch.device, fast_dtype: torch.dtype | None) -> dict[str, Any]:
-    from chexformer.runtime import cpu_supports_bf16
+    from chexformer.runtime import host_environment
 
-    flags = cpu_flags()
     env: dict[str, Any] = {
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_bf16_native": cpu_supports_bf16(),
-        "cpu_amx": "amx_tile" in flags,
-        "cpu_avx512_bf16": "avx512_bf16" in flags,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        **host_environment(),
         "device": str(device),
         "fast_dtype": str(fast_dtype).replace("torch.", "") if fast_dtype else "float32",
     }
@@ -850,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
         "compile_backend", "jit_on", "epoch_images", "cache_epochs", "load_images")} | {
         "model": {k: getattr(bench.cfg, k) for k in ("d_model", "num_heads", "ffn_dim", "num_layers", "dropout_rate")}}
     _say("# chexformer speed benchmark" + ("  (--quick: smoke test, numbers are meaningless)" if args.quick else ""))
-    _say(f"CPU: {env['cpu']} ({env['cpu_count']} logical CPUs, {env['cpu_affinity']} usable; "
+    _say(f"CPU: {env['cpu']} [{env['cpu_id']}] ({env['cpu_count']} logical CPUs, {env['cpu_affinity']} usable; "
          f"AMX {env['cpu_amx']}, AVX512-BF16 {env['cpu_avx512_bf16']}, native bf16 {env['cpu_bf16_native']})")
     _say(f"torch {env['torch']}, {env['threads']} threads (OMP_NUM_THREADS={env['omp_num_threads']}), "
          f"device {env['device']}" + (f", GPU {env['gpu']}" if "gpu" in env else ""))

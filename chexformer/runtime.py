@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import platform
+from pathlib import Path
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cpu_supports_bf16", "resolve_accelerator", "resolve_precision", "autocast_dtype", "default_device"]
+__all__ = ["cpu_supports_bf16", "resolve_accelerator", "resolve_precision", "autocast_dtype", "default_device",
+           "host_environment"]
 
 
 def cpu_supports_bf16() -> bool:
@@ -45,3 +51,48 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 def default_device(accelerator: str = "auto") -> torch.device:
     return torch.device("cuda" if resolve_accelerator(accelerator) in ("gpu", "cuda") else "cpu")
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    info: dict[str, str] = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
+    return info
+
+
+def host_environment() -> dict[str, Any]:
+    """The machine and library versions a run computed on.
+
+    Training is deterministic on one host, but bf16 and oneDNN kernels differ between CPU
+    generations that share a model name ("Intel(R) Xeon(R) Processor"), so the same seed and code
+    can train a different model elsewhere; family/model/stepping tell such hosts apart."""
+    import lightning
+    import torchvision
+
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    env: dict[str, Any] = {
+        "cpu": info.get("model name") or platform.processor() or platform.machine() or "unknown",
+        "cpu_id": " ".join(f"{k} {info[k]}" for k in ("cpu family", "model", "stepping") if k in info) or None,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_bf16_native": cpu_supports_bf16(),
+        "cpu_amx": "amx_tile" in flags,
+        "cpu_avx512_bf16": "avx512_bf16" in flags,
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "lightning": lightning.__version__,
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    return env

@@ -50,7 +50,7 @@ from chexformer.robustness import (
     shift_suite_logits,
     suite_table,
 )
-from chexformer.runtime import default_device, resolve_accelerator, resolve_precision
+from chexformer.runtime import default_device, host_environment, resolve_accelerator, resolve_precision
 from chexformer.weights import init_backbone, read_checkpoint_file
 
 log = logging.getLogger(__name__)
@@ -336,6 +336,7 @@ def run_summary(cfg: Config, dm: XrayDataModule, run: RunFolder, trainer: L.Trai
         "best_val_loss": _float(best.best_model_score if best.monitor == "val_loss"
                                  else trainer.callback_metrics.get("val_loss")),
         "world_size": trainer.world_size,
+        "environment": host_environment(),  # the same seed and code can train another model on another CPU
     }
     if suite is not None:
         summary["validation_shift_suite"] = suite

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -100,6 +101,11 @@ def test_generalisation_report_and_threshold_epochs_on_two_tiny_seeds(tmp_path):
     proc = _run(["bench/generalisation.py", "--report", "--out-dir", str(runs)])
     assert "| tiny-s0 |" in proc.stdout and "| tiny-s1 |" in proc.stdout
     assert "tiny: 2 seeds (mean, sd, min-max)" in proc.stdout
+    # each run names the CPU it trained on (from summary.json), the last column
+    env = json.loads((runs / "tiny-s0" / "summary.json").read_text())["environment"]
+    cpu = re.fullmatch(r"cpu family (\d+) model (\d+) stepping (\d+)", env["cpu_id"])
+    host = env.get("gpu") or "/".join(cpu.groups())
+    assert next(line for line in proc.stdout.splitlines() if "| tiny-s0 |" in line).endswith(f"| {host} |")
     stored = [json.loads((runs / f"tiny-s{s}" / "validation_shift_suite.json").read_text())["threshold"]
               for s in (0, 1)]
     spread_line = next(line for line in proc.stdout.splitlines() if line.strip().startswith("threshold "))

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,6 +50,11 @@ def test_short_run_writes_every_file(tiny_data, tmp_path):
     history = (out / "history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,train_loss") and len(history) == 3
     assert summary["best_val_loss"] is not None and torch.isfinite(torch.tensor(summary["best_val_loss"]))
+    # the host it computed on: the same seed and code train another model on another CPU generation
+    env = summary["environment"]
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads() and env["cpu_capability"]
+    if Path("/proc/cpuinfo").is_file():
+        assert env["cpu_id"].startswith("cpu family ") and " model " in env["cpu_id"]
     # last.ckpt is the newest epoch, whether or not it improved the validation loss
     assert load_checkpoint(out / "checkpoints/last.ckpt")[1].epoch == 1
     assert load_checkpoint(out / "checkpoints/final.ckpt")[1].epoch == 1
