@@ -101,7 +101,8 @@ def row(out: Path) -> dict | None:
 
 
 def host_label(env: dict) -> str:
-    """'6/207/2' from 'cpu family 6 model 207 stepping 2' (a GPU's name where one ran); '?' for older runs."""
+    """'6/207/2' from 'cpu family 6 model 207 stepping 2' (the GPU's name where the run trained on one);
+    '?' for runs older than the record."""
     if env.get("gpu"):
         return env["gpu"]
     numbers = (env.get("cpu_id") or "").split()[2::2]  # the values after 'cpu family', 'model', 'stepping'

@@ -152,14 +152,12 @@ def environment(device: torch.device, fast_dtype: torch.dtype | None) -> dict[st
     from chexformer.runtime import host_environment
 
     env: dict[str, Any] = {
-        **host_environment(),
+        **host_environment(device),
         "device": str(device),
         "fast_dtype": str(fast_dtype).replace("torch.", "") if fast_dtype else "float32",
     }
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        env["gpu"] = name
-        env["gpu_peak_bf16_tflops"] = gpu_peak_tflops(name)
+    if "gpu" in env:
+        env["gpu_peak_bf16_tflops"] = gpu_peak_tflops(env["gpu"])
     return env
 
 

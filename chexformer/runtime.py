@@ -65,8 +65,8 @@ def _cpuinfo() -> dict[str, str]:
     return info
 
 
-def host_environment() -> dict[str, Any]:
-    """The machine and library versions a run computed on.
+def host_environment(device: torch.device | None = None) -> dict[str, Any]:
+    """The machine and library versions a run computed on (the GPU's name where ``device`` is one).
 
     Training is deterministic on one host, but bf16 and oneDNN kernels differ between CPU
     generations that share a model name ("Intel(R) Xeon(R) Processor"), so the same seed and code
@@ -92,7 +92,7 @@ def host_environment() -> dict[str, Any]:
         "torchvision": torchvision.__version__,
         "lightning": lightning.__version__,
     }
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
+    if device is not None and device.type == "cuda":  # not merely present: a CPU run on a GPU machine is a CPU run
+        env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     return env

@@ -336,7 +336,8 @@ def run_summary(cfg: Config, dm: XrayDataModule, run: RunFolder, trainer: L.Trai
         "best_val_loss": _float(best.best_model_score if best.monitor == "val_loss"
                                  else trainer.callback_metrics.get("val_loss")),
         "world_size": trainer.world_size,
-        "environment": host_environment(),  # the same seed and code can train another model on another CPU
+        # the same seed and code can train another model on another CPU
+        "environment": host_environment(trainer.strategy.root_device),
     }
     if suite is not None:
         summary["validation_shift_suite"] = suite
