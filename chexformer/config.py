@@ -80,7 +80,7 @@ class Config:
     epochs: int = 30
     """Maximum number of training epochs (early stopping may end training sooner)."""
     min_lr: float = 1e-6
-    """ReduceLROnPlateau never lowers the learning rate below this."""
+    """The lowest learning rate: ReduceLROnPlateau's floor, the cosine schedule's end."""
     max_minutes: float = 0.0
     """Stop training after this many minutes (0 = no limit); the best checkpoint is kept."""
     patience: int = 5
@@ -91,6 +91,11 @@ class Config:
     with the lowest validation loss (training stops early after ``patience`` epochs without a
     lower one); 'last' = the weights at the end of the fixed ``epochs`` budget, no early stopping
     (the lowest-loss epoch is still kept as ``lowest_val_loss.ckpt``, for comparison)."""
+    lr_schedule: Literal["plateau", "cosine"] = "plateau"
+    """'plateau': ReduceLROnPlateau on validation loss (``lr_patience``, ``lr_factor``, ``min_lr``);
+    'cosine': the rate falls from its start to ``min_lr`` along a half cosine over the ``epochs``
+    budget, stepped every batch, whatever validation loss does (the curve ends early if early
+    stopping or ``max_minutes`` ends training first)."""
     lr_patience: int = 2
     """ReduceLROnPlateau: epochs without improvement before the rate is multiplied by lr_factor."""
     lr_factor: float = 0.3

@@ -9,6 +9,8 @@ metadata every checkpoint carries (:class:`~chexformer.checkpoint.CheckpointMeta
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any
 
 import lightning as L
@@ -27,6 +29,13 @@ from chexformer.plots import denormalize, normalise01
 from chexformer.robustness import robust_threshold
 
 __all__ = ["ChexFormerModule"]
+
+
+def _cosine_factor(step: int, total: int, floor: float) -> float:
+    """The cosine schedule's multiple of the starting rate after ``step`` of ``total`` optimiser
+    steps: 1 at the start, ``floor`` (min_lr / start) at the end and after it."""
+    t = min(step, total) / total
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 class ChexFormerModule(L.LightningModule):
@@ -173,6 +182,12 @@ class ChexFormerModule(L.LightningModule):
             min_lrs.append(min(cfg.min_lr, cfg.init_lr * cfg.backbone_lr_scale))
         # fused AdamW: one kernel for all parameters (CPU and CUDA), several times faster than the loop
         optimizer = torch.optim.AdamW(groups, lr=cfg.init_lr, weight_decay=cfg.weight_decay, fused=True)
+        if cfg.lr_schedule == "cosine":
+            total = max(1, int(self.trainer.estimated_stepping_batches))  # the whole epochs budget
+            factors = [functools.partial(_cosine_factor, total=total, floor=m / g["lr"] if g["lr"] > 0 else 1.0)
+                       for m, g in zip(min_lrs, groups)]
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=min_lrs
         )

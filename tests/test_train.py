@@ -282,6 +282,41 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cosine_schedule_ends_at_min_lr_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
+    """lr_schedule: cosine falls every batch from init_lr to min_lr over the epochs budget, never
+    looking at validation loss; a run interrupted after epoch 1 and resumed must rebuild the curve
+    over the same total steps and retrace the uninterrupted run."""
+    import chexformer.train as train_module
+
+    kw = dict(augment=True, acquisition_aug=0.5, ema_decay=0.9, checkpoint_selection="last", lr_schedule="cosine",
+              init_lr=1e-3, min_lr=1e-5)
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train(_cfg(tiny_data, whole, epochs=3, **kw), evaluate=False)
+    lrs = [float(r["lr"]) for r in read_history(whole / "history.csv")]
+    assert 1e-3 > lrs[0] > lrs[1] > lrs[2] and lrs[2] == pytest.approx(1e-5), lrs
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_epoch_2(self, trainer, pl_module):  # an interruption, not a shorter budget
+        if trainer.current_epoch == 2:
+            raise Crash
+
+    with monkeypatch.context() as m, pytest.raises(Crash):
+        m.setattr(train_module.ResumeState, "on_train_epoch_start", crash_at_epoch_2)
+        train(_cfg(tiny_data, part, epochs=3, **kw), evaluate=False)
+    assert len(read_history(part / "history.csv")) == 2
+    train(_cfg(tiny_data, part, epochs=3, **kw), resume=True, evaluate=False)
+
+    def rows(out):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in read_history(out / "history.csv")]
+
+    assert rows(part) == rows(whole)
+    a = read_checkpoint_file(whole / "checkpoints" / "final.ckpt")["state_dict"]
+    b = read_checkpoint_file(part / "checkpoints" / "final.ckpt")["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_from_a_checkpoint_without_generator_state_warns(tiny_data, tmp_path, caplog):
     out = tmp_path / "run"
     train(_cfg(tiny_data, out, epochs=1), evaluate=False)
