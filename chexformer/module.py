@@ -10,6 +10,7 @@ metadata every checkpoint carries (:class:`~chexformer.checkpoint.CheckpointMeta
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Any
 
@@ -29,6 +30,8 @@ from chexformer.plots import denormalize, normalise01
 from chexformer.robustness import robust_threshold
 
 __all__ = ["ChexFormerModule"]
+
+log = logging.getLogger(__name__)
 
 
 def _cosine_factor(step: int, total: int, floor: float) -> float:
@@ -249,6 +252,13 @@ class ChexFormerModule(L.LightningModule):
         self.bias = float(meta.get("bias", 0.0))
         self.validated_epoch = int(meta.get("epoch", -1))
         self.val_predictions = dict(meta.get("extra", {}).get("val_predictions", {}))
+        stored = meta.get("config", {})
+        schedules = (stored.get("lr_schedule", "plateau"), self.cfg.lr_schedule)
+        if "cosine" in schedules and (schedules[0] != schedules[1] or stored.get("epochs") != self.cfg.epochs):
+            log.warning("resuming a run trained with lr_schedule=%s over %s epochs as lr_schedule=%s over %d: the "
+                        "cosine curve spans the whole budget, so the rate jumps where the two curves differ and the "
+                        "continued run is not the run this config would train from the start",
+                        schedules[0], stored.get("epochs"), schedules[1], self.cfg.epochs)
 
 
 def _per_map_01(t: torch.Tensor) -> torch.Tensor:

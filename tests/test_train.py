@@ -317,6 +317,16 @@ def test_cosine_schedule_ends_at_min_lr_and_resumes_exactly(tiny_data, tmp_path,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_extending_a_cosine_run_warns_that_the_curve_changes(tiny_data, tmp_path, caplog):
+    out = tmp_path / "run"
+    kw = dict(checkpoint_selection="last", lr_schedule="cosine")
+    train(_cfg(tiny_data, out, epochs=1, **kw), evaluate=False)
+    with caplog.at_level("WARNING", logger="chexformer.module"):
+        train(_cfg(tiny_data, out, epochs=2, **kw), resume=True, evaluate=False)
+    assert "cosine curve spans the whole budget" in caplog.text and "over 1 epochs as lr_schedule=cosine over 2" \
+        in caplog.text
+
+
 def test_resume_from_a_checkpoint_without_generator_state_warns(tiny_data, tmp_path, caplog):
     out = tmp_path / "run"
     train(_cfg(tiny_data, out, epochs=1), evaluate=False)
