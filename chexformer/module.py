@@ -189,6 +189,7 @@ class ChexFormerModule(L.LightningModule):
             total = max(1, int(self.trainer.estimated_stepping_batches))  # the whole epochs budget
             factors = [functools.partial(_cosine_factor, total=total, floor=m / g["lr"] if g["lr"] > 0 else 1.0)
                        for m, g in zip(min_lrs, groups)]
+            # LambdaLR, not CosineAnnealingLR: its one eta_min would raise a group that starts below min_lr
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(

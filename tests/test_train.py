@@ -234,6 +234,23 @@ def test_sigkill_mid_epoch_then_resume(tiny_data, tmp_path):
     assert meta.epoch == 2
 
 
+def _assert_same_run(resumed, whole):
+    """The resumed run retraced the uninterrupted one: history.csv (but the seconds), and
+    final.ckpt's scheduler state, learning rates and weights. Returns both checkpoints."""
+    def rows(out):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in read_history(out / "history.csv")]
+
+    assert rows(resumed) == rows(whole)
+    a = read_checkpoint_file(whole / "checkpoints" / "final.ckpt")  # weights_only, as every reader loads it
+    b = read_checkpoint_file(resumed / "checkpoints" / "final.ckpt")
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    assert [g["lr"] for g in a["optimizer_states"][0]["param_groups"]] == \
+        [g["lr"] for g in b["optimizer_states"][0]["param_groups"]]
+    wa, wb = a["state_dict"], b["state_dict"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    return a, b
+
+
 @pytest.mark.parametrize("selection", ["val_loss", "last"])
 def test_every_checkpoint_is_written_after_its_epochs_history_row(tiny_data, tmp_path, monkeypatch, selection):
     """A kill can land between two files of one epoch. history.csv must be written first: a
@@ -268,18 +285,8 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_data, tmp_path):
     train(_cfg(tiny_data, whole, epochs=3, **kw), evaluate=False)
     train(_cfg(tiny_data, part, epochs=2, **kw), evaluate=False)
     train(_cfg(tiny_data, part, epochs=3, **kw), resume=True, evaluate=False)
-
-    def rows(out):
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in read_history(out / "history.csv")]
-
-    assert rows(part) == rows(whole)
-    a = read_checkpoint_file(whole / "checkpoints" / "final.ckpt")  # weights_only, as every reader loads it
-    b = read_checkpoint_file(part / "checkpoints" / "final.ckpt")
-    assert a["lr_schedulers"] == b["lr_schedulers"] and a["lr_schedulers"][0]["last_epoch"] == 3
-    assert [g["lr"] for g in a["optimizer_states"][0]["param_groups"]] == \
-        [g["lr"] for g in b["optimizer_states"][0]["param_groups"]]
-    a, b = a["state_dict"], b["state_dict"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = _assert_same_run(part, whole)
+    assert a["lr_schedulers"][0]["last_epoch"] == 3
 
 
 def test_cosine_schedule_ends_at_min_lr_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
@@ -307,14 +314,7 @@ def test_cosine_schedule_ends_at_min_lr_and_resumes_exactly(tiny_data, tmp_path,
         train(_cfg(tiny_data, part, epochs=3, **kw), evaluate=False)
     assert len(read_history(part / "history.csv")) == 2
     train(_cfg(tiny_data, part, epochs=3, **kw), resume=True, evaluate=False)
-
-    def rows(out):
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in read_history(out / "history.csv")]
-
-    assert rows(part) == rows(whole)
-    a = read_checkpoint_file(whole / "checkpoints" / "final.ckpt")["state_dict"]
-    b = read_checkpoint_file(part / "checkpoints" / "final.ckpt")["state_dict"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_run(part, whole)
 
 
 def test_extending_a_cosine_run_warns_that_the_curve_changes(tiny_data, tmp_path, caplog):
