@@ -46,6 +46,8 @@ VARIANTS: dict[str, list[str]] = {
     "recipe_acq08": ["--acquisition-aug", "0.8"],
     "recipe_ls": ["--label-smoothing", "0.1"],
     "recipe_cos": ["--lr-schedule", "cosine"],  # a fixed cosine curve instead of the plateau cuts
+    # NORMAL training images blurred to PNEUMONIA's median sharpness, so sharpness stops telling the classes apart
+    "recipe_sharp": ["--sharpness-match", "1.0"],
     # the recipe before checkpoint_selection: last (commit d4bc0a2): the lowest-val_loss epoch of at
     # most 14, early stopping with patience 5 (use with --epochs 0, which keeps the variant's budget)
     "recipe_valloss": ["--checkpoint-selection", "val_loss", "--epochs", "14", "--patience", "5"],

@@ -145,6 +145,11 @@ class Config:
     noise, JPEG; see chexformer.shifts); 0 turns them off."""
     acquisition_strength: float = 1.0
     """Largest strength of those changes, as a multiple of the robustness suite's moderate severity."""
+    sharpness_match: float = 0.0
+    """Probability of blurring a training image of a class that is sharper than the bluntest class
+    by the sigma that matches their median sharpness (measured on the training images at setup;
+    chexformer.shifts.SharpnessMatch), so sharpness stops telling the classes apart; 0 turns it off.
+    The per-class sharpness is measured and logged either way."""
     intensity: Literal["stretch", "equalize"] = "stretch"
     """After the intensity rule (percentiles -> 0..255), 'stretch' keeps it; 'equalize' adds global
     histogram equalisation (invariant to any monotone contrast curve)."""
@@ -260,6 +265,7 @@ class Config:
         need(0.0 <= self.brightness < 1.0 and 0.0 <= self.contrast < 1.0,
              "brightness and contrast jitter must lie in [0, 1)")
         need(0.0 <= self.acquisition_aug <= 1.0, f"acquisition_aug must lie in [0, 1], got {self.acquisition_aug}")
+        need(0.0 <= self.sharpness_match <= 1.0, f"sharpness_match must lie in [0, 1], got {self.sharpness_match}")
         need(0.0 < self.acquisition_strength <= 2.0,
              f"acquisition_strength must lie in (0, 2], got {self.acquisition_strength}")
         need(self.ema_decay == 0.0 or 0.5 <= self.ema_decay < 1.0,

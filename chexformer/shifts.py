@@ -29,6 +29,7 @@ from chexformer.data.io import INTENSITY_PERCENTILES
 __all__ = [
     "SHIFT_SUITE",
     "RandomAcquisition",
+    "SharpnessMatch",
     "Shift",
     "apply_shift",
     "blur",
@@ -38,6 +39,7 @@ __all__ = [
     "gamma",
     "jpeg",
     "noise",
+    "sharpness",
     "standardize_tensor",
 ]
 
@@ -189,3 +191,76 @@ class RandomAcquisition(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}, strength={self.strength}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharpness as a class cue
+# ----------------------------------------------------------------------------------------------
+_LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+
+
+def sharpness(images: torch.Tensor) -> torch.Tensor:
+    """Variance of the Laplacian of each uint8 image ``(N, C, H, W)`` (first channel, 0..1 scale):
+    the usual focus measure; higher is sharper. Comparable between images of one size only."""
+    x = images[:, :1].float().div(255)
+    return F.conv2d(x, _LAPLACIAN.to(x.device)).flatten(1).var(dim=1)
+
+
+def _blurred_sharpness(images: torch.Tensor, sigma: float) -> float:
+    """Median sharpness of grey uint8 ``images`` (N, 1, H, W) after :func:`blur` and the intensity
+    rule (:func:`standardize_tensor`, batched), as training sees them."""
+    x = blur(images, sigma).flatten(1).float()
+    q = torch.quantile(x, torch.tensor([p / 100 for p in INTENSITY_PERCENTILES]), dim=1)  # (2, N)
+    lo, hi = q[0], q[1]
+    flat = hi <= lo
+    lo, hi = torch.where(flat, x.amin(1), lo), torch.where(flat, x.amax(1), hi)
+    scale = torch.where(hi > lo, 255.0 / (hi - lo).clamp_min(1e-6), torch.zeros_like(hi))
+    out = ((x - lo[:, None]) * scale[:, None]).round_().clamp_(0, 255).to(torch.uint8)
+    return float(sharpness(out.view_as(images)).median())
+
+
+class SharpnessMatch:
+    """Blur the images of the classes that are sharper than the bluntest one, so that sharpness
+    stops telling the classes apart in training.
+
+    In the Kermany training set NORMAL images are sharper than PNEUMONIA ones (their originals had
+    higher resolution): a model trained from scratch learns "sharp means normal" and calls a
+    normal image from a softer scanner pneumonia. :meth:`fit` measures each class's median
+    :func:`sharpness` on (a sample of) the training images at model size and finds, by bisection,
+    the Gaussian blur (sigma in pixels of a 224 px image, as :func:`blur`) that brings every sharper
+    class's median down to the bluntest class's. In training each image of such a class is blurred
+    by its class's sigma with probability ``p``, before the other augmentation.
+    """
+
+    def __init__(self, sigmas: dict[int, float], p: float = 1.0) -> None:
+        self.sigmas, self.p = {int(k): float(v) for k, v in sigmas.items()}, float(p)
+
+    @classmethod
+    def fit(cls, images: torch.Tensor, labels: torch.Tensor, p: float = 1.0, max_sigma: float = 4.0,
+            tol: float = 0.01) -> tuple[SharpnessMatch, dict[int, float]]:
+        """From uint8 images ``(N, C, H, W)`` and their labels: the matcher and each class's median sharpness."""
+        medians = {int(c): float(sharpness(images[labels == c]).median()) for c in labels.unique()}
+        target = min(medians.values())
+        sigmas = {}
+        for c, m in medians.items():
+            if m <= target * (1 + tol):
+                continue
+            mine = images[labels == c][:, :1].contiguous()
+            lo, hi = 0.0, max_sigma
+            if _blurred_sharpness(mine, hi) > target:  # even the widest blur leaves them sharper
+                sigmas[c] = hi
+                continue
+            while hi - lo > 0.02:
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if _blurred_sharpness(mine, mid) > target else (lo, mid)
+            sigmas[c] = round(hi, 3)
+        return cls(sigmas, p), medians
+
+    def __call__(self, x: torch.Tensor, label: int) -> torch.Tensor:
+        sigma = self.sigmas.get(int(label), 0.0)
+        if sigma <= 0 or not bool(torch.rand(()) < self.p):
+            return x
+        return blur(x, sigma)
+
+    def __repr__(self) -> str:
+        return f"SharpnessMatch(sigmas={self.sigmas}, p={self.p})"

@@ -61,6 +61,7 @@ def test_command_line_overrides_yaml(tmp_path):
         ({"fine_tune_layers": 9, "freeze_cnn": True}, "fine_tune_layers"),
         ({"backbone_weights": "chexnet"}, "backbone_weights"),
         ({"patient_regex": "(unclosed"}, "patient_regex"),
+        ({"sharpness_match": 1.5}, "sharpness_match"),
     ],
 )
 def test_validation_errors(changes, message):

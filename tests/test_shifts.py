@@ -8,7 +8,15 @@ import torch
 
 from chexformer.data import standardize_intensity
 from chexformer.robustness import operating_threshold, robust_threshold, suite_table
-from chexformer.shifts import SHIFT_SUITE, RandomAcquisition, apply_shift, standardize_tensor
+from chexformer.shifts import (
+    SHIFT_SUITE,
+    RandomAcquisition,
+    SharpnessMatch,
+    apply_shift,
+    blur,
+    sharpness,
+    standardize_tensor,
+)
 
 
 def _image(size: int = 64) -> torch.Tensor:
@@ -44,6 +52,28 @@ def test_random_acquisition_varies_and_keeps_contract():
     outs = [aug(_image()) for _ in range(3)]
     assert all(o.dtype == torch.uint8 and o.shape == (3, 64, 64) for o in outs)
     assert not torch.equal(outs[0], outs[1])
+
+
+def _textured(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    grey = (128 + 40 * torch.randn(n, 1, 64, 64, generator=g)).clamp(0, 255).round().to(torch.uint8)
+    return torch.stack([standardize_tensor(x.expand(3, -1, -1)) for x in grey])
+
+
+def test_sharpness_match_blurs_the_sharper_class_down_to_the_blunter_median():
+    sharp = _textured(24, 0)
+    soft = torch.stack([standardize_tensor(blur(x, 3.0)) for x in _textured(24, 1)])
+    labels = torch.tensor([0] * 24 + [1] * 24)
+    matcher, medians = SharpnessMatch.fit(torch.cat([sharp, soft]), labels)
+    assert medians[0] > 2 * medians[1]
+    assert set(matcher.sigmas) == {0} and 2.0 < matcher.sigmas[0] < 4.0  # the blunter class is left alone
+    matched = torch.stack([standardize_tensor(matcher(x, 0)) for x in sharp])
+    assert abs(float(sharpness(matched).median()) / medians[1] - 1) < 0.1
+    assert torch.equal(matcher(soft[0], 1), soft[0])
+    assert torch.equal(SharpnessMatch(matcher.sigmas, p=0.0)(sharp[0], 0), sharp[0])
+    # Classes of one sharpness need nothing.
+    same, _ = SharpnessMatch.fit(torch.cat([sharp, _textured(24, 2)]), labels)
+    assert same.sigmas == {}
 
 
 def test_suite_table_mean_worst_and_threshold():

@@ -160,6 +160,27 @@ def test_missing_data_folder_explains_the_layout(tmp_path):
     assert str(err.value).count("expected layout") == 1  # the layout once, not twice
 
 
+def test_sharpness_is_measured_always_and_matched_in_training_only(tiny_data):
+    from chexformer.shifts import SharpnessMatch
+
+    dm = XrayDataModule(_cfg(tiny_data, "unused", augment=True, sharpness_match=1.0))
+    dm.build_images()
+    info = dm.summary()["sharpness"]
+    medians = info["median"]
+    assert set(medians) == set(dm.class_names) and all(v > 0 for v in medians.values())
+    sharper = max(medians, key=medians.get)
+    assert medians[sharper] > 1.01 * min(medians.values())  # the synthetic classes differ
+    assert list(info["match_sigma"]) == [sharper] and info["match_p"] == 1.0
+    assert isinstance(dm.train_images.label_transform, SharpnessMatch) and dm.val_images.label_transform is None
+    i = next(k for k, s in enumerate(dm.train_samples) if dm.class_names[s.label] == sharper)
+    assert not torch.equal(dm.train_images.label_transform(dm.train_images.uint8(i), dm.train_samples[i].label),
+                           dm.train_images.uint8(i))
+    off = XrayDataModule(_cfg(tiny_data, "unused", augment=True))
+    off.build_images()
+    assert off.train_images.label_transform is None and "match_sigma" not in off.summary()["sharpness"]
+    assert off.summary()["sharpness"]["median"] == medians
+
+
 def test_cached_and_uncached_frozen_paths_give_the_same_features(tiny_data):
     cfg = _cfg(tiny_data, "unused", freeze_cnn=True, cache_views=2)
     from chexformer.model import build_model

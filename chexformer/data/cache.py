@@ -132,8 +132,12 @@ class FeatureCache:
         per_view = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
+            label_transform = getattr(dataset, "label_transform", None)
             for v in range(views):
-                per_view.append(compute_features(model, images, eval_transform if v == 0 else train_transform,
+                view = images
+                if v > 0 and label_transform is not None:  # training views, as __getitem__ gives them
+                    view = [label_transform(img, s.label) for img, s in zip(images, dataset.samples)]
+                per_view.append(compute_features(model, view, eval_transform if v == 0 else train_transform,
                                                  **compute_kwargs))
         features = torch.stack(per_view, dim=1).flatten(0, 1)  # (N * views, 1024, h, w)
         log.info("feature cache: computed %d maps (%d images x %d views) in %.1f s, %.0f MB",

@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
+from chexformer import shifts
 from chexformer.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from chexformer.config import Config
 from chexformer.data.cache import CachedFeatureDataset, FeatureCache, cache_key
@@ -63,6 +64,7 @@ class XrayDataModule(L.LightningDataModule):
         self.cached = False
         self.cache_request: dict[str, Any] | None = None
         self.cache_device: str | None = None
+        self.sharpness: dict[str, Any] = {}
 
     # --- scanning and splitting ---------------------------------------------------------------
     def scan(self) -> None:
@@ -128,6 +130,7 @@ class XrayDataModule(L.LightningDataModule):
             "splits": {k: describe(v, self.class_names) for k, v in splits.items()},
             "skipped": [[str(p), r] for p, r in self.skipped],
             "ignored_non_images": self.ignored,
+            **({"sharpness": self.sharpness} if self.sharpness else {}),
         }
 
     def class_weights(self) -> torch.Tensor | None:
@@ -160,7 +163,33 @@ class XrayDataModule(L.LightningDataModule):
         self.val_images = XrayDataset(self.val_samples, cfg.img_size, cfg.keep_aspect,
                                            self.transforms(train=False), preload=preload)
         self.train_set, self.val_set = self.train_images, self.val_images
+        self._measure_sharpness()
         self._built = True
+
+    def _measure_sharpness(self, per_class: int = 256) -> None:
+        """Each class's median sharpness on (a seeded sample of) the training images at model size,
+        logged as a warning sign of an acquisition cue; with ``sharpness_match`` (and ``augment``),
+        the blur that takes it away in training (:class:`chexformer.shifts.SharpnessMatch`)."""
+        cfg, data = self.cfg, self.train_images
+        labels = torch.tensor(data.labels)
+        if len(labels) == 0 or len(labels.unique()) < 2:
+            return
+        gen = torch.Generator().manual_seed(cfg.seed)
+        picked = torch.cat([idx[torch.randperm(len(idx), generator=gen)[:per_class]]
+                            for idx in (torch.nonzero(labels == c).flatten() for c in labels.unique())])
+        images = torch.stack([shifts.standardize_tensor(data.uint8(int(i))) for i in picked])
+        matcher, medians = shifts.SharpnessMatch.fit(images, labels[picked], p=cfg.sharpness_match)
+        names = self.class_names
+        self.sharpness = {"img_size": cfg.img_size, "images": len(picked),
+                          "median": {names[c]: round(m, 6) for c, m in medians.items()}}
+        log.info("sharpness of the training images (variance of the Laplacian at %d px, median of up to %d a class): "
+                 "%s", cfg.img_size, per_class, ", ".join(f"{k} {v:.2e}" for k, v in self.sharpness["median"].items()))
+        if cfg.augment and cfg.sharpness_match > 0:
+            data.label_transform = matcher
+            sigmas = {names[c]: s for c, s in matcher.sigmas.items()}
+            self.sharpness |= {"match_p": cfg.sharpness_match, "match_sigma": sigmas}
+            log.info("sharpness_match %.2f: %s", cfg.sharpness_match, ", ".join(
+                f"{k} blurred (sigma {s:.2f} px at 224)" for k, s in sigmas.items()) or "no class is sharper")
 
     def setup(self, stage: str | None = None) -> None:
         """Lightning's per-process hook: images, then (fast frozen path) the feature cache, built
@@ -180,7 +209,8 @@ class XrayDataModule(L.LightningDataModule):
         views = cfg.cache_views if cfg.augment else 1
         desc = json.dumps({k: getattr(cfg, k) for k in (
             "img_size", "keep_aspect", "augment", "rotation_deg", "translate", "scale_min", "scale_max",
-            "brightness", "contrast", "acquisition_aug", "acquisition_strength", "intensity", "seed")}
+            "brightness", "contrast", "acquisition_aug", "acquisition_strength", "sharpness_match", "intensity",
+            "seed")}
             | {"mean": self.mean, "std": self.std, "precision": precision}, sort_keys=True)
         kw = dict(batch_size=max(cfg.batch_size, 32), device=device, autocast_dtype=autocast_dtype(precision),
                   channels_last=cfg.channels_last)

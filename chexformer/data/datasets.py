@@ -91,6 +91,9 @@ class XrayDataset(Dataset):
     ``transform`` (see :func:`build_transforms`) turns the uint8 tensor into the model input, or,
     without a transform, it is scaled to float 0..1.
 
+    ``label_transform(uint8 image, label)``, if given, runs before ``transform`` (training only:
+    :class:`chexformer.shifts.SharpnessMatch`).
+
     ``preload=True`` decodes everything once, in ``num_preload_workers`` threads, into one uint8
     tensor (N, 1, S, S) for grayscale images (R = G = B, as X-rays are: a third of the memory of
     RGB) plus a dict for the rare colour ones, so epochs never decode a file again.
@@ -112,8 +115,10 @@ class XrayDataset(Dataset):
         transform: Callable | None = None,
         preload: bool = False,
         num_preload_workers: int = 2,
+        label_transform: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
     ) -> None:
         self.samples = list(samples)
+        self.label_transform = label_transform
         self.img_size = img_size
         self.keep_aspect = keep_aspect
         self.transform = transform
@@ -198,6 +203,8 @@ class XrayDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         img = self.uint8(i)
+        if self.label_transform is not None:
+            img = self.label_transform(img, self.samples[i].label)
         x = self.transform(img) if self.transform is not None else img.float().div_(255)
         return x, self.samples[i].label, i
 
