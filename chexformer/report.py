@@ -243,6 +243,18 @@ def _data_section(summary: Mapping[str, Any], class_names: Sequence[str]) -> str
                 cells.append(f'<td class="num">{_fmt(n) if n is not None else "0"}{share}</td>')
             rows.append("<tr>" + "".join(cells) + "</tr>")
         parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+    sharp = summary.get("sharpness") or {}
+    medians = sharp.get("median") or {}
+    if len(medians) >= 2:
+        ratio = max(medians.values()) / max(min(medians.values()), 1e-12)
+        listing = ", ".join(f"{k} {v:.2e}" for k, v in medians.items())
+        matched = ", ".join(sharp.get("match_sigma") or {})
+        action = (f"Training blurred {matched} to match (sharpness_match {sharp.get('match_p')})." if matched
+                  else "Not matched in training (sharpness_match 0).")
+        text = (f"Sharpness of the training images (variance of the Laplacian at {sharp.get('img_size')} px, "
+                f"median): {listing}; the sharpest class is {ratio:.2f}x the bluntest. A model trained from "
+                f"scratch can learn such an acquisition cue. {action}")
+        parts.append(f'<p class="small">{_e(text)}</p>')
     skipped = list(summary.get("skipped") or [])
     if skipped:
         shown = skipped[:500]

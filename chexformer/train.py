@@ -161,7 +161,6 @@ def build_module(cfg: Config, dm: XrayDataModule, run: RunFolder, precision: str
     model = build_model(cfg, num_classes=len(dm.class_names))
     weights_report = init_backbone(model, cfg)
     module = ChexFormerModule(cfg, dm.class_names, model, class_weight=dm.class_weights())
-    module.data_summary = dm.summary()
     if cfg.channels_last:
         module.model.to(memory_format=torch.channels_last)
     if model.backbone_frozen and cfg.cache_features != "off":
@@ -173,6 +172,7 @@ def build_module(cfg: Config, dm: XrayDataModule, run: RunFolder, precision: str
     if cfg.compile:
         _compile(module)
     dm.build_images()
+    module.data_summary = dm.summary()  # after the images: with the training images' sharpness
     n_explain = min(4, len(dm.val_images))
     module.explain_images = torch.stack([dm.val_images[i][0] for i in range(n_explain)]) if n_explain else None
     return module, weights_report

@@ -62,6 +62,8 @@ def run(tmp_path_factory):
             "test": {"images": 300, "patients": 150, "per_class": {"NORMAL": int((y == 0).sum()),
                                                                     "PNEUMONIA": int((y == 1).sum())}},
         },
+        "sharpness": {"img_size": 128, "images": 512, "median": {"NORMAL": 0.0049, "PNEUMONIA": 0.0037},
+                      "match_p": 1.0, "match_sigma": {"NORMAL": 0.75}},
         "skipped": [["train/PNEUMONIA/<img src=x>.jpeg", "unreadable: truncated JPEG"],
                     {"path": "val/NORMAL/a.dcm", "reason": "not a frontal view"}],
     }
@@ -86,6 +88,8 @@ def test_report_written_with_all_sections(run):
     assert f"{lo:.3f}&ndash;{hi:.3f}" in text  # the interval at the chosen threshold
     assert f"{metrics['at_0.5']['recall']['value']:.3f}" in text
     assert "4,100" in text and "Kermany" in text and "not a frontal view" in text
+    assert "NORMAL 4.90e-03, PNEUMONIA 3.70e-03; the sharpest class is 1.32x" in text
+    assert "Training blurred NORMAL to match (sharpness_match 1.0)" in text
     assert "model.d_model" in text and '[&quot;flip&quot;, &quot;rotate&quot;]' in text
     assert "1 of 2: cam0" in text and "2 of 2: cam1" in text
 

@@ -61,6 +61,9 @@ def test_short_run_writes_every_file(tiny_data, tmp_path):
     model, meta = load_checkpoint(out / "checkpoints/best.ckpt")
     assert meta.class_names == ["NORMAL", "PNEUMONIA"] and 0 <= meta.threshold <= 1 and meta.temperature > 0
     assert Config.from_dict(__import__("yaml").safe_load((out / "config.yaml").read_text())) == meta.config
+    # the training images' sharpness per class (an acquisition cue), in the summary and the checkpoint
+    assert set(summary["data"]["sharpness"]["median"]) == {"NORMAL", "PNEUMONIA"}
+    assert meta.extra["data"]["sharpness"] == summary["data"]["sharpness"]
     # TensorBoard got losses, AUC, learning rate, gradient histograms and images
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
