@@ -48,6 +48,10 @@ VARIANTS: dict[str, list[str]] = {
     "recipe_cos": ["--lr-schedule", "cosine"],  # a fixed cosine curve instead of the plateau cuts
     # NORMAL training images blurred to PNEUMONIA's median sharpness, so sharpness stops telling the classes apart
     "recipe_sharp": ["--sharpness-match", "1.0"],
+    # the same without acquisition augmentation or EMA ("base"): is the sharpness cue used when nothing
+    # else blurs the training images, and does matching remove it? (bench/sharpness_reliance.py)
+    "base_sharp": ["--acquisition-aug", "0", "--ema-decay", "0", "--scale-min", "0.9", "--scale-max", "1.1",
+                   "--sharpness-match", "1.0"],
     # the recipe before checkpoint_selection: last (commit d4bc0a2): the lowest-val_loss epoch of at
     # most 14, early stopping with patience 5 (use with --epochs 0, which keeps the variant's budget)
     "recipe_valloss": ["--checkpoint-selection", "val_loss", "--epochs", "14", "--patience", "5"],
