@@ -222,3 +222,39 @@ def test_resume_check_finds_the_resumed_recipe_identical(tiny_xrays, tmp_path):
     (other / "history.csv").write_text("\n".join([lines[0], lines[1], ",".join(row), *lines[3:]]) + "\n")
     assert module.compare(out / "fresh", other)["history_rows_differing"] == [1]
     assert module.compare(out / "fresh", other)["identical"] is False
+
+
+def test_sharpness_reliance_scores_a_run_as_its_predictor_does(tmp_path):
+    """The clean specificity and AUC it prints are the run's own (stored threshold, its validation
+    split), and blurring the normals to the pneumonia median is a real change (sigma > 0)."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from chexformer import Config
+    from chexformer.data import XrayDataset, read_split_csv
+    from chexformer.inference import Predictor
+    from chexformer.shifts import SharpnessMatch, blur
+    from chexformer.train import train
+
+    data, run = tmp_path / "data", tmp_path / "tiny-s0"
+    make_synthetic_dataset(data, n_per_class=16, img_size=64, seed=0, splits=("train",))
+    train(Config(img_size=64, d_model=32, num_heads=4, ffn_dim=64, num_layers=1, batch_size=16, epochs=1,
+                 backbone_weights="none", num_workers=0, precision="32", log_images_every=0,
+                 data_dir=str(data), out_dir=str(run), seed=0))
+    proc = _run(["bench/sharpness_reliance.py", str(run), "--precision", "32"])
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("tiny-s0 "))
+    numbers = re.findall(r"[-+]?\d+\.\d+(?:e[-+]\d+)?", row)
+    sigma, spec_clean, spec_matched, auc_clean = (float(numbers[i]) for i in (3, 5, 6, 8))
+
+    pred = Predictor.from_checkpoint(run / "checkpoints" / "best.ckpt", device="cpu")
+    ds = XrayDataset(read_split_csv(run / "split.csv", "val"), pred.img_size, pred.cfg.keep_aspect, preload=True)
+    images, y = torch.stack([ds.uint8(i) for i in range(len(ds))]), np.array(ds.labels)
+    p = pred.predict_images(list(images))
+    assert spec_clean == pytest.approx((p[y == 0] < pred.threshold()).mean(), abs=5e-4)
+    assert auc_clean == pytest.approx(roc_auc_score(y, p), abs=5e-5)
+    matcher, medians = SharpnessMatch.fit(images, torch.from_numpy(y))
+    assert sigma == pytest.approx(matcher.sigmas.get(0, 0.0), abs=5e-3)
+    if medians[0] > medians[1] * 1.01:  # normals sharper: the matched copy differs from the clean one
+        assert sigma > 0 and not torch.equal(blur(images[y == 0], sigma), images[y == 0])
+    assert 0.0 <= spec_matched <= 1.0
