@@ -142,6 +142,7 @@ def test_generalisation_report_and_threshold_epochs_on_two_tiny_seeds(tmp_path):
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith(("cpu ", "cuda "))]
     assert rows[0][:2] == ["cpu", "32"] and rows[0][3:7] == ["0.00000", "0", "0.00000", "0"]
     assert ["cpu", "bf16-mixed"] == rows[-1][:2] and len(rows) == (4 if __import__("torch").cuda.is_available() else 2)
+    _check_sharpness_reliance(runs / "tiny-s0")
 
 
 def _bench_module(name: str):
@@ -224,26 +225,19 @@ def test_resume_check_finds_the_resumed_recipe_identical(tiny_xrays, tmp_path):
     assert module.compare(out / "fresh", other)["identical"] is False
 
 
-def test_sharpness_reliance_scores_a_run_as_its_predictor_does(tmp_path):
-    """The clean specificity and AUC it prints are the run's own (stored threshold, its validation
-    split), and blurring the normals to the pneumonia median is a real change (sigma > 0)."""
+def _check_sharpness_reliance(run):
+    """bench/sharpness_reliance.py: the clean specificity and AUC it prints are the run's own (stored
+    threshold, its validation split), and its blur is the one SharpnessMatch fits on those images."""
     import numpy as np
     import torch
     from sklearn.metrics import roc_auc_score
 
-    from chexformer import Config
     from chexformer.data import XrayDataset, read_split_csv
     from chexformer.inference import Predictor
     from chexformer.shifts import SharpnessMatch, blur
-    from chexformer.train import train
 
-    data, run = tmp_path / "data", tmp_path / "tiny-s0"
-    make_synthetic_dataset(data, n_per_class=16, img_size=64, seed=0, splits=("train",))
-    train(Config(img_size=64, d_model=32, num_heads=4, ffn_dim=64, num_layers=1, batch_size=16, epochs=1,
-                 backbone_weights="none", num_workers=0, precision="32", log_images_every=0,
-                 data_dir=str(data), out_dir=str(run), seed=0))
     proc = _run(["bench/sharpness_reliance.py", str(run), "--precision", "32"])
-    row = next(line for line in proc.stdout.splitlines() if line.startswith("tiny-s0 "))
+    row = next(line for line in proc.stdout.splitlines() if line.startswith(f"{run.name} "))
     numbers = re.findall(r"[-+]?\d+\.\d+(?:e[-+]\d+)?", row)
     sigma, spec_clean, spec_matched, auc_clean = (float(numbers[i]) for i in (3, 5, 6, 8))
 
