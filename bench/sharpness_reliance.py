@@ -1,8 +1,9 @@
 """Does a trained model lean on sharpness? In the Kermany training period NORMAL images are
 sharper than PNEUMONIA ones, so "sharp means normal" is a cheap cue. For each run this scores its
 validation images as they are, then with every NORMAL image blurred to the PNEUMONIA median
-sharpness (:class:`chexformer.shifts.SharpnessMatch` fitted on those validation images), and, as a
-control, with every PNEUMONIA image blurred by the same sigma.
+sharpness (:class:`chexformer.shifts.SharpnessMatch` fitted on those validation images after the
+intensity rule, as the datamodule measures the training images), and, as a control, with every
+PNEUMONIA image blurred by the same sigma.
 
     python bench/sharpness_reliance.py runs/recipe_e14-s42 runs/recipe_sharp-s42 ...
 
@@ -23,7 +24,8 @@ from sklearn.metrics import roc_auc_score
 
 from chexformer.data import XrayDataset, read_split_csv
 from chexformer.inference import Predictor
-from chexformer.shifts import SharpnessMatch, blur, sharpness
+from chexformer.robustness import suite_table
+from chexformer.shifts import SharpnessMatch, blur, sharpness, standardize_tensor
 
 
 def main() -> None:
@@ -45,24 +47,22 @@ def _one(run: Path, checkpoint: str, precision: str) -> None:
     dataset = XrayDataset(read_split_csv(run / "split.csv", "val"), pred.img_size, pred.cfg.keep_aspect, preload=True)
     images = torch.stack([dataset.uint8(i) for i in range(len(dataset))])
     y = torch.tensor(dataset.labels)
-    matcher, medians = SharpnessMatch.fit(images, y)
+    measured = torch.stack([standardize_tensor(img) for img in images])  # as the datamodule measures
+    matcher, medians = SharpnessMatch.fit(measured, y)
     sigma = matcher.sigmas.get(0, 0.0)
-    sharp_auc = roc_auc_score(y.numpy(), -sharpness(images).numpy())
-    normal, pneumonia = (y == 0).numpy(), (y == 1).numpy()
+    sharp_auc = roc_auc_score(y.numpy(), -sharpness(measured).numpy())
+    normal, pneumonia = (y == 0)[:, None, None, None], (y == 1)[:, None, None, None]
+    blurred = blur(images, sigma)  # the raw images, as training blurs them before the intensity rule
     clean = _logits(pred, images)
-    matched_imgs = images.clone()
-    matched_imgs[y == 0] = blur(images[y == 0], sigma)
-    matched = _logits(pred, matched_imgs)
-    control = _logits(pred, torch.where((y == 1)[:, None, None, None], blur(images, sigma), images))
-    cut = pred.threshold()
-    prob = pred.probabilities
-    p_clean, p_matched = prob(clean), prob(matched)
-    spec = (p_clean[normal] < cut).mean(), (p_matched[normal] < cut).mean()
-    aucs = roc_auc_score(y.numpy(), p_clean), roc_auc_score(y.numpy(), p_matched)
+    matched = _logits(pred, torch.where(normal, blurred, images))
+    control = _logits(pred, torch.where(pneumonia, blurred, images))
+    table = suite_table(y.numpy(), {"clean": pred.probabilities(clean), "matched": pred.probabilities(matched)},
+                        pred.threshold())["rows"]
+    spec, aucs = [[table[k][m] for k in ("clean", "matched")] for m in ("specificity", "roc_auc")]
+    n, p = normal.flatten().numpy(), pneumonia.flatten().numpy()
     print(f"{run.name:<22} {medians[0]:.2e}/{medians[1]:.2e} {sharp_auc:9.3f} {sigma:5.2f} "
-          f"{(matched - clean)[normal].mean():+8.3f} {spec[0]:9.3f} -> {spec[1]:.3f} "
-          f"{(control - clean)[pneumonia].mean():+8.3f} {aucs[0]:8.4f} -> {aucs[1]:.4f}")
-
+          f"{(matched - clean)[n].mean():+8.3f} {spec[0]:9.3f} -> {spec[1]:.3f} "
+          f"{(control - clean)[p].mean():+8.3f} {aucs[0]:8.4f} -> {aucs[1]:.4f}")
 
 def _logits(pred: Predictor, images: torch.Tensor) -> np.ndarray:
     return pred.image_logits(list(images)).float().numpy()[:, 0].astype(np.float64)
