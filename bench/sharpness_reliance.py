@@ -10,7 +10,10 @@ PNEUMONIA image blurred by the same sigma.
 Per run: the validation medians and how well sharpness alone separates the classes (ROC AUC of
 "blunter = pneumonia"); the NORMAL images' mean logit shift when blurred to match and the
 specificity at the stored threshold before and after; the same shift for the blurred PNEUMONIA
-images. A model that ignores the cue moves normals no more than it moves pneumonias.
+images. A model that ignores the cue moves normals no more than it moves pneumonias. Last, the
+classes' median fine detail (:func:`fine_detail`: mean magnitude of the finest Haar diagonal
+coefficients, in grey levels, after the intensity rule) with the normals as they are and blurred to
+match: one blur matches the variance of the Laplacian, not every scale of detail.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def main() -> None:
     p.add_argument("--precision", default="bf16-mixed", help="as the run's post-training steps (default)")
     a = p.parse_args()
     print(f"{'run':<22} {'median N / P':>15} {'sharp AUC':>9} {'sigma':>5} {'N dlogit':>8} "
-          f"{'spec clean->matched':>19} {'P dlogit':>8} {'AUC clean->matched':>18}")
+          f"{'spec clean->matched':>19} {'P dlogit':>8} {'AUC clean->matched':>18} {'fine N/P clean -> N matched':>27}")
     for run in a.runs:
         _one(run, a.checkpoint, a.precision)
 
@@ -60,9 +63,22 @@ def _one(run: Path, checkpoint: str, precision: str) -> None:
                         pred.threshold())["rows"]
     spec, aucs = [[table[k][m] for k in ("clean", "matched")] for m in ("specificity", "roc_auc")]
     n, p = normal.flatten().numpy(), pneumonia.flatten().numpy()
+    fine = fine_detail(measured)
+    fine_matched = fine_detail(torch.stack([standardize_tensor(img) for img in blurred[n]]))
     print(f"{run.name:<22} {medians[0]:.2e}/{medians[1]:.2e} {sharp_auc:9.3f} {sigma:5.2f} "
           f"{(matched - clean)[n].mean():+8.3f} {spec[0]:9.3f} -> {spec[1]:.3f} "
-          f"{(control - clean)[p].mean():+8.3f} {aucs[0]:8.4f} -> {aucs[1]:.4f}")
+          f"{(control - clean)[p].mean():+8.3f} {aucs[0]:8.4f} -> {aucs[1]:.4f} "
+          f"{fine[n].median():10.3f}/{fine[p].median():.3f} -> {fine_matched.median():.3f}")
+
+
+def fine_detail(images: torch.Tensor) -> torch.Tensor:
+    """Mean magnitude of the finest-scale Haar diagonal coefficients of each uint8 image ``(N, C, H, W)``
+    (first channel, grey levels): the detail at the pixel scale, where sensor noise lives."""
+    x = images[:, :1].float()
+    h, w = x.shape[-2] // 2 * 2, x.shape[-1] // 2 * 2
+    x = x[..., :h, :w]
+    d = (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2] + x[..., 1::2, 1::2]) / 2
+    return d.flatten(1).abs().mean(dim=1)
 
 def _logits(pred: Predictor, images: torch.Tensor) -> np.ndarray:
     return pred.image_logits(list(images)).float().numpy()[:, 0].astype(np.float64)

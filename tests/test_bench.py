@@ -253,3 +253,16 @@ def _check_sharpness_reliance(run):
     if medians[0] > medians[1] * 1.01:  # normals sharper: the matched copy differs from the clean one
         assert sigma > 0 and not torch.equal(blur(images[y == 0], sigma), images[y == 0])
     assert 0.0 <= spec_matched <= 1.0
+
+    # fine detail: the finest Haar diagonal band, computed here by a reshape instead of strides
+    def fine(batch):
+        g = torch.stack([standardize_tensor(i) for i in batch])[:, 0].double().numpy()
+        g = g[:, : g.shape[1] // 2 * 2, : g.shape[2] // 2 * 2].reshape(len(g), g.shape[1] // 2, 2, g.shape[2] // 2, 2)
+        hh = (g[:, :, 0, :, 0] - g[:, :, 0, :, 1] - g[:, :, 1, :, 0] + g[:, :, 1, :, 1]) / 2
+        values = np.sort(np.abs(hh).mean(axis=(1, 2)))
+        return values[(len(values) - 1) // 2]  # the lower middle value, as torch.median
+
+    fine_n, fine_p, fine_matched = (float(v) for v in numbers[-3:])
+    assert fine_n == pytest.approx(fine(images[y == 0]), abs=5e-4)
+    assert fine_p == pytest.approx(fine(images[y == 1]), abs=5e-4)
+    assert fine_matched == pytest.approx(fine(blur(images[y == 0], matcher.sigmas.get(0, 0.0))), abs=5e-4)
