@@ -80,6 +80,7 @@ def fine_detail(images: torch.Tensor) -> torch.Tensor:
     d = (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2] + x[..., 1::2, 1::2]) / 2
     return d.flatten(1).abs().mean(dim=1)
 
+
 def _logits(pred: Predictor, images: torch.Tensor) -> np.ndarray:
     return pred.image_logits(list(images)).float().numpy()[:, 0].astype(np.float64)
 
