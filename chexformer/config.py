@@ -102,6 +102,11 @@ class Config:
     """ReduceLROnPlateau multiplies the learning rate by this when validation loss stalls."""
     label_smoothing: float = 0.0
     """Label smoothing of the training targets (0 = off, hard labels)."""
+    mixup_alpha: float = 0.0
+    """Mixup (Zhang et al., 2018): each training batch becomes ``lam * x + (1 - lam) * x[perm]``
+    with one ``lam ~ Beta(alpha, alpha)`` per batch and a random pairing ``perm``; the loss is the
+    same mixture of the two labels' losses. 0 = off. It mixes what the model is fed: the images,
+    or the cached feature maps when ``cache_features`` is on. Training only."""
 
     # --- backbone ----------------------------------------------------------------------------
     freeze_cnn: bool = False
@@ -241,6 +246,7 @@ class Config:
         need(self.min_lr <= self.init_lr, f"min_lr ({self.min_lr}) must not exceed init_lr ({self.init_lr})")
         need(0.0 < self.lr_factor < 1.0, f"lr_factor must lie in (0, 1), got {self.lr_factor}")
         need(0.0 <= self.label_smoothing < 0.5, f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
+        need(self.mixup_alpha >= 0, f"mixup_alpha must not be negative, got {self.mixup_alpha}")
         need(self.max_minutes >= 0, f"max_minutes must not be negative, got {self.max_minutes}")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.patience >= 1, f"patience must be >= 1, got {self.patience}")

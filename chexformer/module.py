@@ -41,6 +41,15 @@ def _cosine_factor(step: int, total: int, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def mixup(x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(lam * x + (1 - lam) * x[perm], perm, lam)`` with ``lam ~ Beta(alpha, alpha)`` (one per
+    batch) and a random pairing ``perm``, both from torch's global generator (seeded and restored
+    on resume like dropout's)."""
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(x.shape[0], device=x.device)
+    return lam * x + (1.0 - lam) * x[perm], perm, lam
+
+
 class ChexFormerModule(L.LightningModule):
     """Wraps the plain model for training; knows the loss, optimiser, schedule and metadata."""
 
@@ -93,8 +102,14 @@ class ChexFormerModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y, _ = batch
-        logits = self._logits(x)
-        loss = self._loss(logits, y)
+        if self.cfg.mixup_alpha > 0:
+            x, perm, lam = mixup(x, self.cfg.mixup_alpha)
+            logits = self._logits(x)
+            loss = lam * self._loss(logits, y) + (1.0 - lam) * self._loss(logits, y[perm])
+            y = y if lam >= 0.5 else y[perm]  # the training metrics score the larger share's label
+        else:
+            logits = self._logits(x)
+            loss = self._loss(logits, y)
         bs = y.shape[0]
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("train_acc", self._accuracy(logits, y), on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)

@@ -62,6 +62,7 @@ def test_command_line_overrides_yaml(tmp_path):
         ({"backbone_weights": "chexnet"}, "backbone_weights"),
         ({"patient_regex": "(unclosed"}, "patient_regex"),
         ({"sharpness_match": 1.5}, "sharpness_match"),
+        ({"mixup_alpha": -0.2}, "mixup_alpha"),
     ],
 )
 def test_validation_errors(changes, message):

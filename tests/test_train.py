@@ -591,3 +591,38 @@ def test_feature_cache_key_changes_with_files_weights_and_precision(tiny_data, t
     assert cache_key(samples, model.backbone, desc, 1) != key
     key_w = cache_key(samples, model.backbone, desc, 1)
     assert cache_key(samples, model.backbone, _json.dumps({"img_size": 64, "precision": "bf16-mixed"}), 1) != key_w
+
+
+def test_mixup_blends_pairs_with_one_weight_per_batch():
+    from chexformer.module import mixup
+
+    torch.manual_seed(3)
+    x = torch.randn(8, 3, 4, 4)
+    mixed, perm, lam = mixup(x, 0.2)
+    assert 0.0 <= lam <= 1.0 and sorted(perm.tolist()) == list(range(8))
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[perm])
+
+
+def test_mixup_training_loss_mixes_both_labels_losses():
+    """The training step's loss is lam * loss(y) + (1 - lam) * loss(y[perm]) on the mixed batch;
+    with mixup off it is the plain loss of the unmixed batch."""
+    from chexformer.model import build_model
+    from chexformer.module import ChexFormerModule, mixup
+
+    cfg = Config(**{**TINY, "dropout_rate": 0.0, "attn_dropout": 0.0, "mixup_alpha": 0.4})
+    module = ChexFormerModule(cfg, ["NORMAL", "PNEUMONIA"], build_model(cfg),
+                              class_weight=torch.tensor([2.0])).eval()  # eval: BatchNorm fixed
+    x, y = torch.randn(6, 3, 64, 64), torch.tensor([0, 1, 0, 1, 1, 0])
+    torch.manual_seed(5)
+    loss = module.training_step((x, y, torch.arange(6)), 0)
+    torch.manual_seed(5)
+    mixed, perm, lam = mixup(x, 0.4)
+    assert 0.0 < lam < 1.0 and not torch.equal(y, y[perm])  # the pairing mixes the labels here
+    with torch.no_grad():
+        logits = module.model(mixed)
+        expected = lam * module._loss(logits, y) + (1 - lam) * module._loss(logits, y[perm])
+        plain = module._loss(module.model(x), y)
+    torch.testing.assert_close(loss.detach(), expected)
+    assert not torch.isclose(loss.detach(), plain)
+    module.cfg = Config(**{**TINY, "dropout_rate": 0.0, "attn_dropout": 0.0})
+    torch.testing.assert_close(module.training_step((x, y, torch.arange(6)), 0).detach(), plain)
