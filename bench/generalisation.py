@@ -61,6 +61,10 @@ VARIANTS: dict[str, list[str]] = {
     # mixup (alpha 0.2, Zhang et al. 2018's ImageNet value): interpolated images and labels between
     # training pairs, a regulariser that is not an acquisition change, against the worst case
     "recipe_mixup": ["--mixup-alpha", "0.2"],
+    # dense SWA (SWAD, Cha et al. 2021, a domain-generalisation method) instead of EMA: the uniform mean
+    # of the weights after every step of the last 7 epochs (from the first plateau cut on, epoch 7 in the
+    # recipe's runs) instead of an exponential window of ~200 steps
+    "recipe_swa": ["--ema-decay", "0", "--swa-epochs", "7"],
 }
 
 

@@ -25,7 +25,7 @@ from chexformer.history import read_history, write_history
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMA", "HistoryCSV", "RankAgreement", "ResumeState"]
+__all__ = ["EMA", "SWA", "HistoryCSV", "RankAgreement", "ResumeState"]
 
 
 class HistoryCSV(Checkpoint):
@@ -68,6 +68,43 @@ class EMA(WeightAveraging):
 
     def __init__(self, decay: float) -> None:
         super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+class SWA(WeightAveraging):
+    """Uniform average of every parameter and buffer after each optimiser step from epoch
+    ``start_epoch`` on (dense SWA, as in SWAD). Until the first update there is no average: the raw
+    weights are validated and checkpointed (Lightning's base class would swap in the copy of the
+    initial weights that :class:`AveragedModel` starts from)."""
+
+    def __init__(self, start_epoch: int) -> None:
+        super().__init__(use_buffers=True)
+        self.start_epoch = start_epoch
+        self._trainer = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._trainer = trainer
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and self._trainer.current_epoch >= self.start_epoch
+
+    def _averaging(self) -> bool:
+        return self._average_model is not None and int(self._average_model.n_averaged) > 0
+
+    def _swap_models(self, pl_module) -> None:  # validation: the average once it exists
+        if self._averaging():
+            super()._swap_models(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._averaging():
+            super().on_train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self._average_model is None or self._averaging():
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        else:  # the raw weights, in the layout the base class reads back on resume
+            checkpoint["current_model_state"] = checkpoint["state_dict"]
+            checkpoint["averaging_state"] = {"n_averaged": self._average_model.n_averaged.clone()}
 
 
 class ResumeState(Callback):

@@ -161,6 +161,12 @@ class Config:
     ema_decay: float = 0.0
     """Exponential moving average of the weights (e.g. 0.999), validated and saved instead of the
     raw weights; 0 turns it off."""
+    swa_epochs: int = 0
+    """Stochastic weight averaging in its dense form (Izmailov et al., 2018; SWAD, Cha et al., 2021,
+    for domain generalisation): the uniform average of the weights (and BatchNorm buffers) after
+    every optimiser step of the last ``swa_epochs`` epochs of the ``epochs`` budget is validated and
+    saved instead of the raw weights, which are validated and saved until then. 0 turns it off.
+    Needs a fixed budget (``checkpoint_selection: last``, ``max_minutes: 0``) and ``ema_decay: 0``."""
     class_weighting: Literal["pos_weight", "sampler", "none"] = "pos_weight"
     """'pos_weight' (loss weights from training counts), 'sampler' (balanced sampling), 'none'."""
     strict: bool = False
@@ -276,6 +282,13 @@ class Config:
              f"acquisition_strength must lie in (0, 2], got {self.acquisition_strength}")
         need(self.ema_decay == 0.0 or 0.5 <= self.ema_decay < 1.0,
              f"ema_decay must be 0 (off) or lie in [0.5, 1), got {self.ema_decay}")
+        need(0 <= self.swa_epochs <= self.epochs,
+             f"swa_epochs must lie in 0..epochs ({self.epochs}), got {self.swa_epochs}")
+        need(self.swa_epochs == 0 or self.ema_decay == 0.0,
+             "swa_epochs and ema_decay are two ways to average the weights; set one of them to 0")
+        need(self.swa_epochs == 0 or (self.checkpoint_selection == "last" and self.max_minutes == 0),
+             "swa_epochs averages the last epochs of a fixed budget: it needs checkpoint_selection: last "
+             "and max_minutes: 0 (early stopping or a time limit could end training before the average starts)")
         try:
             import re
 

@@ -33,7 +33,7 @@ from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from chexformer import metrics
-from chexformer.callbacks import EMA, HistoryCSV, RankAgreement, ResumeState
+from chexformer.callbacks import EMA, SWA, HistoryCSV, RankAgreement, ResumeState
 from chexformer.config import Config, ConfigError
 from chexformer.data.datamodule import XrayDataModule
 from chexformer.data.scan import write_split_csv
@@ -231,6 +231,8 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
         ))
     if cfg.ema_decay > 0:
         callbacks.insert(0, EMA(cfg.ema_decay))
+    if cfg.swa_epochs > 0:
+        callbacks.insert(0, SWA(start_epoch=cfg.epochs - cfg.swa_epochs))
     logger = build_logger(cfg, run.out)
     steps_per_epoch = max(1, -(-len(dm.train_set) // cfg.batch_size))
     trainer = L.Trainer(

@@ -63,6 +63,9 @@ def test_command_line_overrides_yaml(tmp_path):
         ({"patient_regex": "(unclosed"}, "patient_regex"),
         ({"sharpness_match": 1.5}, "sharpness_match"),
         ({"mixup_alpha": -0.2}, "mixup_alpha"),
+        ({"swa_epochs": 3, "epochs": 2, "checkpoint_selection": "last"}, "swa_epochs"),
+        ({"swa_epochs": 1, "ema_decay": 0.99, "checkpoint_selection": "last"}, "swa_epochs and ema_decay"),
+        ({"swa_epochs": 1, "checkpoint_selection": "val_loss"}, "fixed budget"),
     ],
 )
 def test_validation_errors(changes, message):

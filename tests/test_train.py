@@ -626,3 +626,102 @@ def test_mixup_training_loss_mixes_both_labels_losses():
     assert not torch.isclose(loss.detach(), plain)
     module.cfg = Config(**{**TINY, "dropout_rate": 0.0, "attn_dropout": 0.0})
     torch.testing.assert_close(module.training_step((x, y, torch.arange(6)), 0).detach(), plain)
+
+
+class _BNRegression(__import__("lightning").LightningModule):
+    """A linear model behind BatchNorm, trained by SGD on fixed random data: small enough to
+    record every step's weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x).squeeze(1), y)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_swa_averages_every_step_of_the_last_epochs_and_validates_raw_weights_before(tmp_path):
+    """SWA(start_epoch=1) over 3 epochs: epoch 0 is validated and checkpointed with the raw
+    weights; from epoch 1 on, with the uniform mean of the raw weights (and BatchNorm buffers) after
+    each optimiser step so far; the model that leaves training is the mean over epochs 1-2."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from chexformer.callbacks import SWA
+
+    def state(m):
+        return {k: v.detach().clone().float() for k, v in m.state_dict().items() if "num_batches" not in k}
+
+    class Record(Callback):  # listed after SWA: it sees what SWA left in the module
+        def __init__(self):
+            self.steps, self.validated = {}, {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.steps.setdefault(trainer.current_epoch, []).append(state(pl_module))
+
+        def on_validation_epoch_start(self, trainer, pl_module):
+            self.validated[trainer.current_epoch] = state(pl_module)
+
+    def mean(states):
+        return {k: torch.stack([s[k] for s in states]).mean(0) for k in states[0]}
+
+    def assert_states(a, b):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], msg=k)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4) * 3 + 1, torch.randn(64))
+    loader = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True)
+    record = Record()
+    module = _BNRegression()
+    trainer = L.Trainer(max_epochs=3, callbacks=[SWA(start_epoch=1), record, ModelCheckpoint(
+        dirpath=tmp_path, filename="e{epoch}", save_top_k=-1, every_n_epochs=1, auto_insert_metric_name=False)],
+        logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        accelerator="cpu")
+    trainer.fit(module, loader, loader)
+    assert [len(record.steps[e]) for e in range(3)] == [8, 8, 8]
+    assert_states(record.validated[0], record.steps[0][-1])
+    assert_states(record.validated[1], mean(record.steps[1]))
+    assert_states(record.validated[2], mean(record.steps[1] + record.steps[2]))
+    assert not torch.allclose(record.validated[2]["net.1.weight"], record.steps[2][-1]["net.1.weight"])
+    assert_states(state(module), mean(record.steps[1] + record.steps[2]))
+    saved = {e: torch.load(tmp_path / f"e{e}.ckpt", weights_only=False) for e in range(3)}
+    assert_states({k: v.float() for k, v in saved[0]["state_dict"].items() if "num_batches" not in k},
+                  record.steps[0][-1])
+    assert_states({k: v.float() for k, v in saved[2]["state_dict"].items() if "num_batches" not in k},
+                  mean(record.steps[1] + record.steps[2]))
+
+
+@pytest.mark.parametrize("swa_epochs", [1, 2])
+def test_resume_with_swa_continues_the_average_exactly(tiny_data, tmp_path, monkeypatch, swa_epochs):
+    """Interrupted at the start of epoch 2 of 3 and resumed: with swa_epochs 2 the checkpoint holds
+    an average of epoch 1 to continue, with 1 it holds raw weights and the average starts after the
+    resume; either way the run retraces the uninterrupted one."""
+    import chexformer.train as train_module
+
+    kw = dict(augment=True, acquisition_aug=0.5, ema_decay=0.0, swa_epochs=swa_epochs, checkpoint_selection="last",
+              lr_patience=0)
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train(_cfg(tiny_data, whole, epochs=3, **kw), evaluate=False)
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_epoch_2(self, trainer, pl_module):
+        if trainer.current_epoch == 2:
+            raise Crash
+
+    with monkeypatch.context() as m, pytest.raises(Crash):
+        m.setattr(train_module.ResumeState, "on_train_epoch_start", crash_at_epoch_2)
+        train(_cfg(tiny_data, part, epochs=3, **kw), evaluate=False)
+    train(_cfg(tiny_data, part, epochs=3, **kw), resume=True, evaluate=False)
+    a, _ = _assert_same_run(part, whole)
+    assert int(a["averaging_state"]["n_averaged"]) > 0
