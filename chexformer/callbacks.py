@@ -1,11 +1,11 @@
-"""Lightning callbacks of a training run: history.csv, EMA weights, what ``--resume`` needs beyond
-Lightning's checkpoint (the random generators, the saved epoch's scheduler step), and the DDP
-agreement check.
+"""Lightning callbacks of a training run: history.csv, averaged weights (EMA or dense SWA), what
+``--resume`` needs beyond Lightning's checkpoint (the random generators, the saved epoch's scheduler
+step), and the DDP agreement check.
 
 In: the trainer's logged metrics and the module's epoch averages after every epoch; the weights of
-every rank at the end of training. Out: ``OUT/history.csv`` (one row per epoch), exponentially
-averaged weights that Lightning validates and checkpoints, the resume state in every checkpoint,
-and ``OUT/ddp_check.json`` under DDP.
+every rank at the end of training. Out: ``OUT/history.csv`` (one row per epoch), averaged weights
+(exponential or uniform) that Lightning validates and checkpoints, the resume state in every
+checkpoint, and ``OUT/ddp_check.json`` under DDP.
 """
 
 from __future__ import annotations
