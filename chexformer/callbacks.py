@@ -80,6 +80,7 @@ class SWA(WeightAveraging):
         super().__init__(use_buffers=True)
         self.start_epoch = start_epoch
         self._trainer = None
+        self._restored_start: int | None = None  # the start epoch of a checkpoint's average
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -87,6 +88,19 @@ class SWA(WeightAveraging):
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and self._trainer.current_epoch >= self.start_epoch
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "start_epoch": self.start_epoch}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._restored_start = state_dict.get("start_epoch")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self._averaging() and self._restored_start not in (None, self.start_epoch):
+            log.warning("--resume: the checkpoint's weight average began at epoch %d, this run's epochs and "
+                        "swa_epochs start it at %d; the average keeps the steps since epoch %d (a changed budget "
+                        "moves the averaged stretch)", self._restored_start, self.start_epoch, self._restored_start)
 
     def _averaging(self) -> bool:
         return self._average_model is not None and int(self._average_model.n_averaged) > 0

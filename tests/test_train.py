@@ -725,3 +725,12 @@ def test_resume_with_swa_continues_the_average_exactly(tiny_data, tmp_path, monk
     train(_cfg(tiny_data, part, epochs=3, **kw), resume=True, evaluate=False)
     a, _ = _assert_same_run(part, whole)
     assert int(a["averaging_state"]["n_averaged"]) > 0
+
+
+def test_resuming_swa_with_a_larger_budget_warns_that_the_average_began_earlier(tiny_data, tmp_path, caplog):
+    out = tmp_path / "run"
+    kw = dict(ema_decay=0.0, swa_epochs=1, checkpoint_selection="last")
+    train(_cfg(tiny_data, out, epochs=2, **kw), evaluate=False)  # averages epoch 1
+    with caplog.at_level("WARNING", logger="chexformer.callbacks"):
+        train(_cfg(tiny_data, out, epochs=3, **kw), resume=True, evaluate=False)  # would start at epoch 2
+    assert "average began at epoch 1, this run's epochs and swa_epochs start it at 2" in caplog.text
