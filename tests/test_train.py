@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -258,6 +259,23 @@ def test_sigkill_mid_epoch_then_resume(tiny_data, tmp_path):
     assert meta.epoch == 2
 
 
+def _interrupted_at_epoch_2(monkeypatch, cfg):
+    """Train ``cfg`` until the start of epoch 2, where an exception stops it: an interruption, not
+    a shorter budget (last.ckpt holds epoch 1)."""
+    import chexformer.train as train_module
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash_at_epoch_2(self, trainer, pl_module):
+        if trainer.current_epoch == 2:
+            raise Crash
+
+    with monkeypatch.context() as m, pytest.raises(Crash):
+        m.setattr(train_module.ResumeState, "on_train_epoch_start", crash_at_epoch_2)
+        train(cfg, evaluate=False)
+
+
 def _assert_same_run(resumed, whole):
     """The resumed run retraced the uninterrupted one: history.csv (but the seconds), and
     final.ckpt's scheduler state, learning rates and weights. Returns both checkpoints."""
@@ -317,8 +335,6 @@ def test_cosine_schedule_ends_at_min_lr_and_resumes_exactly(tiny_data, tmp_path,
     """lr_schedule: cosine falls every batch from init_lr to min_lr over the epochs budget, never
     looking at validation loss; a run interrupted after epoch 1 and resumed must rebuild the curve
     over the same total steps and retrace the uninterrupted run."""
-    import chexformer.train as train_module
-
     kw = dict(augment=True, acquisition_aug=0.5, ema_decay=0.9, checkpoint_selection="last", lr_schedule="cosine",
               init_lr=1e-3, min_lr=1e-5)
     whole, part = tmp_path / "whole", tmp_path / "part"
@@ -326,16 +342,7 @@ def test_cosine_schedule_ends_at_min_lr_and_resumes_exactly(tiny_data, tmp_path,
     lrs = [float(r["lr"]) for r in read_history(whole / "history.csv")]
     assert 1e-3 > lrs[0] > lrs[1] > lrs[2] and lrs[2] == pytest.approx(1e-5), lrs
 
-    class Crash(RuntimeError):
-        pass
-
-    def crash_at_epoch_2(self, trainer, pl_module):  # an interruption, not a shorter budget
-        if trainer.current_epoch == 2:
-            raise Crash
-
-    with monkeypatch.context() as m, pytest.raises(Crash):
-        m.setattr(train_module.ResumeState, "on_train_epoch_start", crash_at_epoch_2)
-        train(_cfg(tiny_data, part, epochs=3, **kw), evaluate=False)
+    _interrupted_at_epoch_2(monkeypatch, _cfg(tiny_data, part, epochs=3, **kw))
     assert len(read_history(part / "history.csv")) == 2
     train(_cfg(tiny_data, part, epochs=3, **kw), resume=True, evaluate=False)
     _assert_same_run(part, whole)
@@ -628,7 +635,7 @@ def test_mixup_training_loss_mixes_both_labels_losses():
     torch.testing.assert_close(module.training_step((x, y, torch.arange(6)), 0).detach(), plain)
 
 
-class _BNRegression(__import__("lightning").LightningModule):
+class _BNRegression(L.LightningModule):
     """A linear model behind BatchNorm, trained by SGD on fixed random data: small enough to
     record every step's weights."""
 
@@ -651,13 +658,15 @@ def test_swa_averages_every_step_of_the_last_epochs_and_validates_raw_weights_be
     """SWA(start_epoch=1) over 3 epochs: epoch 0 is validated and checkpointed with the raw
     weights; from epoch 1 on, with the uniform mean of the raw weights (and BatchNorm buffers) after
     each optimiser step so far; the model that leaves training is the mean over epochs 1-2."""
-    import lightning as L
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
     from chexformer.callbacks import SWA
 
+    def floats(state_dict):  # BatchNorm's integer step counter is not averaged
+        return {k: v.detach().clone().float() for k, v in state_dict.items() if "num_batches" not in k}
+
     def state(m):
-        return {k: v.detach().clone().float() for k, v in m.state_dict().items() if "num_batches" not in k}
+        return floats(m.state_dict())
 
     class Record(Callback):  # listed after SWA: it sees what SWA left in the module
         def __init__(self):
@@ -694,10 +703,8 @@ def test_swa_averages_every_step_of_the_last_epochs_and_validates_raw_weights_be
     assert not torch.allclose(record.validated[2]["net.1.weight"], record.steps[2][-1]["net.1.weight"])
     assert_states(state(module), mean(record.steps[1] + record.steps[2]))
     saved = {e: torch.load(tmp_path / f"e{e}.ckpt", weights_only=False) for e in range(3)}
-    assert_states({k: v.float() for k, v in saved[0]["state_dict"].items() if "num_batches" not in k},
-                  record.steps[0][-1])
-    assert_states({k: v.float() for k, v in saved[2]["state_dict"].items() if "num_batches" not in k},
-                  mean(record.steps[1] + record.steps[2]))
+    assert_states(floats(saved[0]["state_dict"]), record.steps[0][-1])
+    assert_states(floats(saved[2]["state_dict"]), mean(record.steps[1] + record.steps[2]))
 
 
 @pytest.mark.parametrize("swa_epochs", [1, 2])
@@ -705,23 +712,12 @@ def test_resume_with_swa_continues_the_average_exactly(tiny_data, tmp_path, monk
     """Interrupted at the start of epoch 2 of 3 and resumed: with swa_epochs 2 the checkpoint holds
     an average of epoch 1 to continue, with 1 it holds raw weights and the average starts after the
     resume; either way the run retraces the uninterrupted one."""
-    import chexformer.train as train_module
-
     kw = dict(augment=True, acquisition_aug=0.5, ema_decay=0.0, swa_epochs=swa_epochs, checkpoint_selection="last",
               lr_patience=0)
     whole, part = tmp_path / "whole", tmp_path / "part"
     train(_cfg(tiny_data, whole, epochs=3, **kw), evaluate=False)
 
-    class Crash(RuntimeError):
-        pass
-
-    def crash_at_epoch_2(self, trainer, pl_module):
-        if trainer.current_epoch == 2:
-            raise Crash
-
-    with monkeypatch.context() as m, pytest.raises(Crash):
-        m.setattr(train_module.ResumeState, "on_train_epoch_start", crash_at_epoch_2)
-        train(_cfg(tiny_data, part, epochs=3, **kw), evaluate=False)
+    _interrupted_at_epoch_2(monkeypatch, _cfg(tiny_data, part, epochs=3, **kw))
     train(_cfg(tiny_data, part, epochs=3, **kw), resume=True, evaluate=False)
     a, _ = _assert_same_run(part, whole)
     assert int(a["averaging_state"]["n_averaged"]) > 0
