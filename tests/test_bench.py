@@ -185,6 +185,35 @@ def test_threshold_rules_scores_a_shift_family_the_cut_was_not_chosen_on():
     assert all(h["clean_sens"] == 1.0 for h in held.values())
 
 
+def test_ensemble_probs_averages_members_scored_on_the_same_images(tmp_path):
+    """The ensemble file holds each copy's mean member probability, reads back in threshold_rules,
+    and members of another split or with other copies are refused by name."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    y, patient = np.arange(12) % 2, np.array([f"p{i // 2}" for i in range(12)])
+    copies = ("clean", "blur/mild", "crop/severe")
+    members = [{f"p:{c}": rng.uniform(size=12) for c in copies} for _ in range(3)]
+    paths = []
+    for i, m in enumerate(members):
+        paths.append(tmp_path / f"m{i}.npz")
+        np.savez_compressed(paths[-1], y=y, patient=patient, **m)
+    proc = _run(["bench/ensemble_probs.py", str(tmp_path / "ens.npz"), *map(str, paths)])
+    assert "mean of 3 members, 12 images, 3 copies" in proc.stdout
+    ens_y, ens_patient, ens = _threshold_rules().load(tmp_path / "ens.npz")
+    assert (ens_y == y.astype(bool)).all() and (ens_patient == patient).all() and set(ens) == set(copies)
+    for c in copies:
+        assert np.allclose(ens[c], np.mean([m[f"p:{c}"] for m in members], axis=0))
+        assert not np.allclose(ens[c], members[0][f"p:{c}"])
+    ensemble = _bench_module("ensemble_probs")
+    np.savez_compressed(tmp_path / "other_split.npz", y=y, patient=np.roll(patient, 2), **members[1])
+    with pytest.raises(SystemExit, match=r"other_split.npz: other validation images .*patient differs"):
+        ensemble.average([paths[0], tmp_path / "other_split.npz"])
+    np.savez_compressed(tmp_path / "fewer.npz", y=y, patient=patient, **{"p:clean": members[1]["p:clean"]})
+    with pytest.raises(SystemExit, match=r"fewer.npz: other copies .*p:blur/mild"):
+        ensemble.average([paths[0], tmp_path / "fewer.npz"])
+
+
 def test_threshold_rules_halves_keep_patients_whole_and_both_classes_on_each_side():
     import numpy as np
 
