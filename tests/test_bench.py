@@ -130,6 +130,7 @@ def test_generalisation_report_and_threshold_epochs_on_two_tiny_seeds(tmp_path):
     assert suite1["method"] == "shift_worst" and suite1["shift_worst"] == pytest.approx(stored[1])
     proc = _run(["bench/threshold_rules.py", str(probs / "tiny-s0-best.npz"), "--repeats", "1"])
     assert "| tiny-s0-best | worst |" in proc.stdout and "Held-out patients" in proc.stdout
+    assert re.search(r"^\| tiny-s0-best \| (\d\.\d{3}|nan) \|", proc.stdout.split("Frontier (in-sample")[1], re.M)
     proc = _run(["bench/suite_precision.py", str(runs / "tiny-s0"), "--families", "blur"])
     assert "blur/severe" in proc.stdout and "crop/mild" not in proc.stdout
     assert f"stored threshold {stored[0]:.3f}" in proc.stdout
@@ -183,6 +184,25 @@ def test_threshold_rules_scores_a_shift_family_the_cut_was_not_chosen_on():
     assert robust["unseen_kind_worst_spec"] < 0.8  # drift unseen: chosen on clean + harmless only
     assert clean["threshold"] < 0.75 and clean["worst_spec"] < 0.8  # clean Youden never sees the drift
     assert all(h["clean_sens"] == 1.0 for h in held.values())
+
+
+def test_threshold_rules_frontier_is_the_best_worst_case_specificity_at_the_sensitivity_floor():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    n = 2000
+    y = np.arange(n) % 2 == 1
+    pos = rng.uniform(0.5, 1.0, n)  # sensitivity at cut t: (1 - t) / 0.5, >= 0.93 up to t = 0.535
+    probs = {"clean": np.where(y, pos, rng.uniform(0.0, 0.4, n)),
+             "drift/severe": np.where(y, pos, rng.uniform(0.0, 0.6, n))}  # specificity t / 0.6
+    rules = _threshold_rules()
+    cut, spec, sens = rules.frontier(y, probs, min_sens=0.93)
+    assert sens >= 0.93 and cut == pytest.approx(0.535, abs=0.02) and spec == pytest.approx(0.535 / 0.6, abs=0.03)
+    for t in np.linspace(0.3, 0.7, 41):  # no cut that keeps the sensitivity floor does better
+        row = rules.score(y, probs, t)
+        assert row["worst_sens"] < 0.93 or row["worst_spec"] <= spec + 1e-12
+    assert rules.score(y, probs, cut)["worst_spec"] == pytest.approx(spec)
+    assert all(np.isnan(rules.frontier(y, probs, min_sens=1.01)))
 
 
 def test_ensemble_probs_averages_members_scored_on_the_same_images(tmp_path):
