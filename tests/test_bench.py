@@ -131,6 +131,12 @@ def test_generalisation_report_and_threshold_epochs_on_two_tiny_seeds(tmp_path):
     proc = _run(["bench/threshold_rules.py", str(probs / "tiny-s0-best.npz"), "--repeats", "1"])
     assert "| tiny-s0-best | worst |" in proc.stdout and "Held-out patients" in proc.stdout
     assert re.search(r"^\| tiny-s0-best \| (\d\.\d{3}|nan) \|", proc.stdout.split("Frontier (in-sample")[1], re.M)
+    # one shift at severities of one's choosing: the suite's own severity reproduces its row
+    proc = _run(["bench/shift_probe.py", str(runs / "tiny-s0"), "--shift", "resolution", "--severities", "4", "6.4"])
+    suite0 = json.loads((runs / "tiny-s0" / "validation_shift_suite.json").read_text())["rows"]["resolution/severe"]
+    assert (f"| resolution | 4 | 16 px | {suite0['roc_auc']:.3f} | {suite0['sensitivity']:.3f} | "
+            f"{suite0['specificity']:.3f} |") in proc.stdout
+    assert "| resolution | 6.4 | 10 px |" in proc.stdout
     proc = _run(["bench/suite_precision.py", str(runs / "tiny-s0"), "--families", "blur"])
     assert "blur/severe" in proc.stdout and "crop/mild" not in proc.stdout
     assert f"stored threshold {stored[0]:.3f}" in proc.stdout
