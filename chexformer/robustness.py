@@ -5,7 +5,10 @@ test split, from a later period, dropped specificity from 0.96 to 0.52 with the 
 This suite is the project's own proxy for "new hospital, new period": every image of a labelled
 set under each shift of :data:`chexformer.shifts.SHIFT_SUITE` at three severities, scored at the
 stored threshold; the table has AUC, sensitivity and specificity per shift, their mean and the
-worst case.
+worst case. The shifts act on the image at the model's input size, so resolution loss, noise and
+JPEG are not the same physical change for two models of different ``img_size`` (a factor 4 leaves
+32 px of detail at 128 px, 40 px at 160 px); compare such models at matched severities
+(``bench/shift_probe.py``).
 
 It also chooses the **shift-robust threshold** (:func:`robust_threshold`): the cut that
 maximises Youden's J averaged over the clean and all shifted copies of validation, so it sits
