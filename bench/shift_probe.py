@@ -14,11 +14,11 @@ the suite's seed), so a 160 px model can be compared with a 128 px one at the sa
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
+from threshold_epochs import run_precision  # bench/ is on sys.path when a bench script runs
 
 from chexformer import metrics
 from chexformer.data import XrayDataset, read_split_csv
@@ -33,8 +33,7 @@ def main() -> None:
     p.add_argument("--severities", type=float, nargs="+", required=True)
     p.add_argument("--checkpoint", default="best")
     a = p.parse_args()
-    suite_file = a.run / "validation_shift_suite.json"
-    precision = json.loads(suite_file.read_text()).get("precision", "32") if suite_file.is_file() else "32"
+    precision = run_precision(a.run)
     predictor = Predictor.from_checkpoint(a.run / "checkpoints" / f"{a.checkpoint}.ckpt", device="cpu",
                                           precision=precision)
     dataset = XrayDataset(read_split_csv(a.run / "split.csv", "val"), predictor.img_size,
@@ -44,13 +43,14 @@ def main() -> None:
     shift = next(s for s in SHIFT_SUITE if s.name == a.shift)
     cut = predictor.threshold()
     print(f"{a.run.name}: {len(images)} images at {predictor.img_size} px, {precision}, stored threshold {cut:.3f}")
-    print(f"| shift | severity | detail left | ROC AUC | sensitivity | specificity |\n|---|---|---|---|---|---|")
+    print("| shift | severity | detail left | ROC AUC | sensitivity | specificity |\n|---|---|---|---|---|---|")
     for severity in a.severities:
         gen = torch.Generator().manual_seed(predictor.cfg.seed)  # noise draws: the suite's first ones only
         prob = predictor.predict_images([apply_shift(img, shift, severity, gen) for img in images])
         m = metrics.binary_metrics(y, prob, cut)
         left = f"{predictor.img_size / severity:.0f} px" if a.shift == "resolution" else "-"
-        print(f"| {a.shift} | {severity:g} | {left} | {m['roc_auc']:.3f} | {m['recall']:.3f} | {m['specificity']:.3f} |")
+        scores = " | ".join(f"{m[k]:.3f}" for k in ("roc_auc", "recall", "specificity"))
+        print(f"| {a.shift} | {severity:g} | {left} | {scores} |")
 
 
 if __name__ == "__main__":
