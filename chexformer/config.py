@@ -200,7 +200,12 @@ class Config:
 
     # --- runtime -----------------------------------------------------------------------------
     seed: int = 42
-    """Seed for the patient split, weight initialisation, augmentation and data order."""
+    """Seed for the patient split (unless split_seed is set), weight initialisation, augmentation
+    and data order."""
+    split_seed: int = -1
+    """Seed for the patient-grouped validation split alone; -1 (default) uses ``seed``. Set it to
+    train several seeds on one validation split: to tell initialisation noise from split noise, or
+    to ensemble independent models (bench/ensemble_probs.py)."""
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     """Lightning accelerator; 'auto' picks CUDA when available, else the CPU."""
     devices: str = "auto"
@@ -222,6 +227,11 @@ class Config:
     """Where metrics and hyperparameters go: 'tensorboard' (OUT/tensorboard), 'csv' (OUT/csv/metrics.csv)
     or 'mlflow' (a local OUT/mlruns store, no server; needs pip install mlflow). history.csv is
     written in every case."""
+
+    @property
+    def effective_split_seed(self) -> int:
+        """The seed the patient split is drawn with."""
+        return self.seed if self.split_seed < 0 else self.split_seed
 
     # ------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -268,6 +278,7 @@ class Config:
         need(self.cache_views >= 1, f"cache_views must be >= 1, got {self.cache_views}")
         need(0.0 < self.target_sensitivity <= 1.0,
              f"target_sensitivity must lie in (0, 1], got {self.target_sensitivity}")
+        need(self.split_seed >= -1, f"split_seed must be >= 0, or -1 to use seed, got {self.split_seed}")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         need(self.num_nodes >= 1, f"num_nodes must be >= 1, got {self.num_nodes}")
         need(0.0 <= self.rotation_deg <= 30.0, f"rotation_deg must lie in [0, 30], got {self.rotation_deg}")

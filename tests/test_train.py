@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from chexformer import Config
+from chexformer.config import ConfigError
 from chexformer.checkpoint import load_checkpoint
 from chexformer.history import read_history
 from chexformer.synthetic import make_synthetic_dataset
@@ -730,3 +731,19 @@ def test_resuming_swa_with_a_larger_budget_warns_that_the_average_began_earlier(
     with caplog.at_level("WARNING", logger="chexformer.callbacks"):
         train(_cfg(tiny_data, out, epochs=3, **kw), resume=True, evaluate=False)  # would start at epoch 2
     assert "average began at epoch 1, this run's epochs and swa_epochs start it at 2" in caplog.text
+
+
+def test_split_seed_fixes_the_validation_split_whatever_the_seed(tmp_path):
+    root = _kermany_folder(tmp_path / "d", _names("train", 30))
+
+    def val(**kw):
+        dm = XrayDataModule(_cfg(root, tmp_path / "o", **kw))
+        dm.scan()
+        return sorted(str(s.path) for s in dm.val_samples)
+
+    reference = val(seed=42)
+    assert val(seed=1, split_seed=42) == val(seed=2, split_seed=42) == reference
+    assert val(seed=1) != reference  # without it the seed moves the split
+    assert val(seed=42, split_seed=1) == val(seed=1)
+    with pytest.raises(ConfigError, match="split_seed"):
+        _cfg(root, tmp_path / "o", split_seed=-2).validate()

@@ -99,7 +99,7 @@ class XrayDataModule(L.LightningDataModule):
                     100 * self.cfg.validation_split)
                 self.val_source = f"split (val/ set aside: {sum(counts)} images)"
             self.train_samples, self.val_samples = split_by_patient(
-                train.samples, self.cfg.validation_split, self.cfg.seed
+                train.samples, self.cfg.validation_split, self.cfg.effective_split_seed
             )
         if (root / "test").is_dir():
             test = scan_folder(root / "test", self.class_names, **kw)
