@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from chexformer import Config
-from chexformer.config import ConfigError
 from chexformer.checkpoint import load_checkpoint
+from chexformer.config import ConfigError
 from chexformer.history import read_history
 from chexformer.synthetic import make_synthetic_dataset
 from chexformer.train import RunExistsError, XrayDataModule, train
