@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chexformer.robustness import robust_threshold, suite_table
+from chexformer.robustness import cut_grid, robust_threshold, suite_table
 
 Probs = dict[str, np.ndarray]
 
@@ -126,10 +126,8 @@ def frontier(y: np.ndarray, probs: Probs, min_sens: float, grid: int = 999) -> t
     as ``(cut, worst_spec, worst_sens)``; NaNs when no cut reaches ``min_sens``. An oracle operating
     point chosen on the scored images: it compares models at one worst-case sensitivity, whatever
     cut their rule stored."""
-    ts = np.linspace(0.001, 0.999, grid)
-    shifted = [np.asarray(p) for k, p in probs.items() if k != "clean"]
-    sens = np.min([(p[y][:, None] >= ts).mean(0) for p in shifted], axis=0)
-    spec = np.min([(p[~y][:, None] < ts).mean(0) for p in shifted], axis=0)
+    ts, sens, spec = cut_grid(y, {k: p for k, p in probs.items() if k != "clean"}, grid)
+    sens, spec = sens.min(0), spec.min(0)
     ok = sens >= min_sens
     if not ok.any():
         return float("nan"), float("nan"), float("nan")

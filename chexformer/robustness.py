@@ -35,7 +35,7 @@ from chexformer.shifts import SHIFT_SUITE, apply_shift
 
 log = logging.getLogger(__name__)
 
-__all__ = ["shift_suite_logits", "suite_table", "robust_threshold", "operating_threshold", "SHIFT_RULES",
+__all__ = ["shift_suite_logits", "suite_table", "cut_grid", "robust_threshold", "operating_threshold", "SHIFT_RULES",
            "SEVERITY_NAMES", "shifted_copies"]
 
 SEVERITY_NAMES = ("mild", "moderate", "severe")
@@ -91,6 +91,19 @@ def suite_table(y: np.ndarray, probs: dict[str, np.ndarray], threshold: float) -
     return {"threshold": float(threshold), "rows": rows, **summary, "worst_shift": worst_keys}
 
 
+def cut_grid(y: np.ndarray, probs: dict[str, np.ndarray],
+             grid: int = 999) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every candidate cut of the threshold rules and each copy's sensitivity and specificity at
+    it: ``(cuts, sens, spec)``, the last two of shape ``(copies, cuts)`` in the order of ``probs``.
+    A cut ``t`` calls a probability ``>= t`` positive."""
+    y = np.asarray(y).astype(bool)
+    cuts = np.linspace(0.001, 0.999, grid)
+    ps = [np.asarray(p) for p in probs.values()]
+    sens = np.stack([(p[y][:, None] >= cuts).mean(0) for p in ps])
+    spec = np.stack([(p[~y][:, None] < cuts).mean(0) for p in ps])
+    return cuts, sens, spec
+
+
 def robust_threshold(y: np.ndarray, probs: dict[str, np.ndarray], grid: int = 999,
                      aggregate: str = "mean") -> float:
     """The threshold maximising Youden's J over every copy in ``probs`` (clean and shifted),
@@ -99,17 +112,11 @@ def robust_threshold(y: np.ndarray, probs: dict[str, np.ndarray], grid: int = 99
     resolve to the middle of the best range."""
     if aggregate not in ("mean", "worst"):
         raise ValueError(f"aggregate must be 'mean' or 'worst', got {aggregate!r}")
-    y = np.asarray(y).astype(bool)
-    ts = np.linspace(0.001, 0.999, grid)
-    js = []
-    for p in probs.values():
-        p = np.asarray(p)
-        sens = (p[y][:, None] >= ts).mean(0)
-        spec = (p[~y][:, None] < ts).mean(0)
-        js.append(sens + spec - 1)
-    j = np.mean(js, axis=0) if aggregate == "mean" else np.min(js, axis=0)
+    cuts, sens, spec = cut_grid(y, probs, grid)
+    js = sens + spec - 1
+    j = js.mean(0) if aggregate == "mean" else js.min(0)
     best = np.flatnonzero(j >= j.max() - 1e-9)
-    return float(ts[best[len(best) // 2]])
+    return float(cuts[best[len(best) // 2]])
 
 
 SHIFT_RULES = {"shift_robust": "mean", "shift_worst": "worst"}

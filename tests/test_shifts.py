@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from chexformer.data import standardize_intensity
-from chexformer.robustness import operating_threshold, robust_threshold, suite_table
+from chexformer.robustness import cut_grid, operating_threshold, robust_threshold, suite_table
 from chexformer.shifts import (
     SHIFT_SUITE,
     RandomAcquisition,
@@ -86,6 +86,18 @@ def test_suite_table_mean_worst_and_threshold():
     assert table["worst"]["specificity"] == table["rows"]["blur/mild"]["specificity"]
     assert table["worst_shift"]["specificity"] == "blur/mild"
     assert abs(table["mean"]["specificity"] - (1.0 + table["rows"]["blur/mild"]["specificity"]) / 2) < 1e-12
+
+
+def test_cut_grid_counts_each_copy_at_every_cut():
+    y = np.array([0, 0, 1, 1])
+    cuts, sens, spec = cut_grid(y, {"clean": np.array([0.1, 0.6, 0.4, 0.9]),
+                                    "s": np.array([0.2, 0.3, 0.7, 0.8])})
+    assert sens.shape == spec.shape == (2, 999) and cuts[0] == 0.001 and cuts[-1] == 0.999
+    at = int(np.argmin(abs(cuts - 0.5)))
+    assert sens[:, at].tolist() == [0.5, 1.0] and spec[:, at].tolist() == [0.5, 1.0]
+    at = int(np.argmin(abs(cuts - 0.65)))  # 0.6 < cut: both normals of the clean copy below it
+    assert sens[:, at].tolist() == [0.5, 1.0] and spec[:, at].tolist() == [1.0, 1.0]
+    assert (sens[:, 0] == 1).all() and (spec[:, 0] == 0).all()  # the lowest cut calls everything positive
 
 
 def test_robust_threshold_moves_with_the_shifted_copies_and_is_stable():
