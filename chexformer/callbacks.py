@@ -25,7 +25,7 @@ from chexformer.history import read_history, write_history
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMA", "SWA", "HistoryCSV", "RankAgreement", "ResumeState"]
+__all__ = ["EMA", "SWA", "EpochBudget", "HistoryCSV", "RankAgreement", "ResumeState"]
 
 
 class HistoryCSV(Checkpoint):
@@ -119,6 +119,41 @@ class SWA(WeightAveraging):
         else:  # the raw weights, in the layout the base class reads back on resume
             checkpoint["current_model_state"] = checkpoint["state_dict"]
             checkpoint["averaging_state"] = {"n_averaged": self._average_model.n_averaged.clone()}
+
+
+class EpochBudget(Callback):
+    """A wall-clock budget for a fixed number of epochs, kept in whole epochs: after each epoch
+    (validation included), training stops if one more epoch, as long as the longest so far, would
+    end more than ``minutes`` after training began in this process. On a slower machine the run
+    trains fewer epochs instead of overrunning its time. Lightning's ``max_time`` stops in the
+    middle of an epoch, and its Timer at epoch granularity only once the limit has passed (up to an
+    epoch late). Every rank takes the same decision. ``stopped_after`` is the last epoch trained
+    (0-based) when the budget ended the run, else None."""
+
+    def __init__(self, minutes: float) -> None:
+        self.seconds = 60.0 * minutes
+        self.stopped_after: int | None = None
+        self._begin = self._epoch_begin = time.perf_counter()
+        self._longest = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._begin = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_begin = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        now = time.perf_counter()
+        self._longest = max(self._longest, now - self._epoch_begin)
+        more = trainer.current_epoch + 1 < trainer.max_epochs
+        stop = more and now - self._begin + self._longest > self.seconds
+        if trainer.strategy.reduce_boolean_decision(stop, all=False):
+            trainer.should_stop = True
+            self.stopped_after = trainer.current_epoch
+            log.warning(
+                "epoch_budget_minutes=%g: stopping after epoch %d of %d (%.1f min trained, longest epoch %.1f min): "
+                "another epoch would end past the budget on this machine", self.seconds / 60,
+                trainer.current_epoch + 1, trainer.max_epochs, (now - self._begin) / 60, self._longest / 60)
 
 
 class ResumeState(Callback):

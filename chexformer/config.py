@@ -82,7 +82,14 @@ class Config:
     min_lr: float = 1e-6
     """The lowest learning rate: ReduceLROnPlateau's floor, the cosine schedule's end."""
     max_minutes: float = 0.0
-    """Stop training after this many minutes (0 = no limit); the best checkpoint is kept."""
+    """Stop training after this many minutes (0 = no limit), in the middle of an epoch if need be;
+    the best checkpoint is kept."""
+    epoch_budget_minutes: float = 0.0
+    """A time budget kept in whole epochs (0 = none): after each epoch, training stops if one more,
+    as long as the longest so far, would end more than this many minutes after training began (in
+    this process; a --resume starts the clock again). On a slower machine a fixed ``epochs`` budget
+    then trains fewer epochs instead of overrunning; logged, and recorded in summary.json
+    (``time_budget``)."""
     patience: int = 5
     """Early stopping: epochs without a lower validation loss before training stops (only with
     ``checkpoint_selection: val_loss``)."""
@@ -264,6 +271,11 @@ class Config:
         need(0.0 <= self.label_smoothing < 0.5, f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
         need(self.mixup_alpha >= 0, f"mixup_alpha must not be negative, got {self.mixup_alpha}")
         need(self.max_minutes >= 0, f"max_minutes must not be negative, got {self.max_minutes}")
+        need(self.epoch_budget_minutes >= 0,
+             f"epoch_budget_minutes must not be negative, got {self.epoch_budget_minutes}")
+        need(self.swa_epochs == 0 or self.epoch_budget_minutes == 0,
+             "swa_epochs averages the last epochs of the budget: set epoch_budget_minutes to 0 (a time budget "
+             "could end training before the average starts)")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
         need(self.lr_patience >= 0, f"lr_patience must be >= 0, got {self.lr_patience}")

@@ -33,7 +33,7 @@ from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from chexformer import metrics
-from chexformer.callbacks import EMA, SWA, HistoryCSV, RankAgreement, ResumeState
+from chexformer.callbacks import EMA, SWA, EpochBudget, HistoryCSV, RankAgreement, ResumeState
 from chexformer.config import Config, ConfigError
 from chexformer.data.datamodule import XrayDataModule
 from chexformer.data.scan import write_split_csv
@@ -233,6 +233,8 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
         callbacks.insert(0, EMA(cfg.ema_decay))
     if cfg.swa_epochs > 0:
         callbacks.insert(0, SWA(start_epoch=cfg.epochs - cfg.swa_epochs))
+    if cfg.epoch_budget_minutes > 0:
+        callbacks.append(EpochBudget(cfg.epoch_budget_minutes))
     logger = build_logger(cfg, run.out)
     steps_per_epoch = max(1, -(-len(dm.train_set) // cfg.batch_size))
     trainer = L.Trainer(
@@ -333,6 +335,7 @@ def run_summary(cfg: Config, dm: XrayDataModule, run: RunFolder, trainer: L.Trai
         "precision": precision,
         "feature_cache": cached,
         "epochs_run": trainer.current_epoch,
+        **_time_budget(cfg, trainer),
         "best_checkpoint": str(run.best),
         "checkpoint_selection": cfg.checkpoint_selection,
         "best_val_loss": _float(best.best_model_score if best.monitor == "val_loss"
@@ -375,6 +378,16 @@ def _parse_devices(devices: str):
     return [int(d) for d in text.split(",") if d.strip()]
 
 
+def _time_budget(cfg: Config, trainer: L.Trainer) -> dict[str, Any]:
+    """``{"time_budget": ...}`` when ``epoch_budget_minutes`` is set: the budget and the last epoch
+    it let train (0-based; None when the run trained all its ``epochs``)."""
+    budget = next((c for c in trainer.callbacks if isinstance(c, EpochBudget)), None)
+    if budget is None:
+        return {}
+    return {"time_budget": {"minutes": cfg.epoch_budget_minutes, "epochs": cfg.epochs,
+                            "stopped_after_epoch": budget.stopped_after}}
+
+
 def _float(v) -> float | None:
     return None if v is None else float(v)
 
@@ -382,6 +395,10 @@ def _float(v) -> float | None:
 def _log_summary(summary: dict[str, Any]) -> None:
     lines = [f"run finished: {summary['out_dir']} ({summary.get('seconds', '?')} s, {summary['epochs_run']} epochs, "
              f"best val_loss {summary['best_val_loss']})"]
+    budget = summary.get("time_budget")
+    if budget and budget["stopped_after_epoch"] is not None:
+        lines.append(f"  SHORTENED by epoch_budget_minutes={budget['minutes']:g}: {summary['epochs_run']} of "
+                     f"{budget['epochs']} epochs trained on this machine")
     for split, d in summary["data"]["splits"].items():
         lines.append(f"  {split}: {d['images']} images, {d['patients']} patients, {d['per_class']}")
     skipped = summary["data"]["skipped"]

@@ -579,6 +579,50 @@ def test_max_minutes_stops_training_early(tiny_data, tmp_path):
     assert summary["epochs_run"] < 50 and (tmp_path / "short" / "checkpoints" / "best.ckpt").is_file()
 
 
+def test_epoch_budget_stops_when_the_next_epoch_would_overrun(monkeypatch):
+    from types import SimpleNamespace
+
+    from chexformer import callbacks
+
+    clock = [0.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    trainer = SimpleNamespace(current_epoch=0, max_epochs=14, should_stop=False,
+                              strategy=SimpleNamespace(reduce_boolean_decision=lambda stop, all: stop))
+    budget = callbacks.EpochBudget(minutes=10)  # 600 s
+    budget.on_train_start(trainer, None)
+    for epoch, seconds in enumerate([150, 120, 130]):  # the longest (150 s) is the projection
+        trainer.current_epoch = epoch
+        budget.on_train_epoch_start(trainer, None)
+        clock[0] += seconds
+        budget.on_train_epoch_end(trainer, None)
+        assert not trainer.should_stop, epoch  # 150 / 270 / 400 s + 150 s <= 600 s
+    trainer.current_epoch = 3
+    budget.on_train_epoch_start(trainer, None)
+    clock[0] += 100
+    budget.on_train_epoch_end(trainer, None)  # 500 s + 150 s > 600 s
+    assert trainer.should_stop and budget.stopped_after == 3
+    last = callbacks.EpochBudget(minutes=1)
+    last.on_train_start(trainer, None)
+    trainer.should_stop, trainer.current_epoch = False, 13  # the budget's last epoch: nothing left to stop
+    last.on_train_epoch_start(trainer, None)
+    clock[0] += 500
+    last.on_train_epoch_end(trainer, None)
+    assert not trainer.should_stop and last.stopped_after is None
+
+
+def test_epoch_budget_ends_a_run_on_an_epoch_boundary_and_says_so(tiny_data, tmp_path, caplog):
+    out = tmp_path / "budget"
+    with caplog.at_level("WARNING", logger="chexformer"):
+        summary = train(_cfg(tiny_data, out, epochs=4, checkpoint_selection="last", epoch_budget_minutes=1e-4))
+    assert summary["epochs_run"] == 1 and summary["time_budget"] == {
+        "minutes": 1e-4, "epochs": 4, "stopped_after_epoch": 0}
+    assert "stopping after epoch 1 of 4" in caplog.text
+    assert [int(r["epoch"]) for r in read_history(out / "history.csv")] == [0]
+    assert read_checkpoint_file(out / "checkpoints" / "best.ckpt")["epoch"] == 0
+    with pytest.raises(ConfigError, match="epoch_budget_minutes"):
+        _cfg(tiny_data, out, epoch_budget_minutes=5, swa_epochs=1, ema_decay=0.0).validate()
+
+
 def test_feature_cache_key_changes_with_files_weights_and_precision(tiny_data, tmp_path):
     import dataclasses
     import json as _json
