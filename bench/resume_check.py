@@ -11,6 +11,9 @@ config, seed and data) or, without it, trained into ``OUT/fresh``. Compared: eve
 stored threshold and rows of ``validation_shift_suite.json`` (timings aside). Writes
 ``OUT/resume_check.json``; exits 1 when the two runs differ. Exact only with ``num_workers: 0``
 (loader workers' generators are not checkpointed) and on one machine (kernels differ across CPUs).
+Both runs train with ``--epoch-budget-minutes 0``: a resume restarts the time budget's clock, so
+with a budget the two could stop after different epochs; a ``--fresh`` run must be trained so too
+(a recipe run trained with the budget is refused as another config).
 """
 
 from __future__ import annotations
@@ -101,8 +104,10 @@ def main() -> int:
                    help="further `chexformer train` options for both runs (last on the line)")
     a = p.parse_args()
     a.out_dir = a.out_dir.resolve()  # the trainings run from the repository root
+    # no epoch time budget: a resumed run restarts its clock, so on a slow machine it could train more
+    # epochs than the uninterrupted one
     base = ["--config", str(a.config.resolve()), "--data-dir", str(a.data_dir.resolve()), "--seed", str(a.seed),
-            *a.overrides]
+            "--epoch-budget-minutes", "0", *a.overrides]
     epochs = load_config(a.config).epochs  # defaults apply where the file is silent
     if "--epochs" in a.overrides:
         epochs = int(a.overrides[a.overrides.index("--epochs") + 1])

@@ -398,7 +398,7 @@ def _log_summary(summary: dict[str, Any]) -> None:
     budget = summary.get("time_budget")
     if budget and budget["stopped_after_epoch"] is not None:
         lines.append(f"  SHORTENED by epoch_budget_minutes={budget['minutes']:g}: {summary['epochs_run']} of "
-                     f"{budget['epochs']} epochs trained on this machine")
+                     f"{budget['epochs']} epochs trained")
     for split, d in summary["data"]["splits"].items():
         lines.append(f"  {split}: {d['images']} images, {d['patients']} patients, {d['per_class']}")
     skipped = summary["data"]["skipped"]
