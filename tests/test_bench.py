@@ -47,6 +47,18 @@ def test_speed_quick_writes_every_section(tmp_path):
     assert "| measurement | baseline img/s | fast img/s | ratio | goal |" in proc.stdout
 
 
+def test_speed_runs_only_the_named_sections_and_forces_cpu_bf16(tmp_path):
+    out = tmp_path / "speed.json"
+    _run(["bench/speed.py", "--quick", "--sections", "training", "--cpu-bf16", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert "training" in result
+    for skipped in ("inference", "cached_epoch", "transformer_share", "data_loading", "bf16_accuracy"):
+        assert skipped not in result, skipped
+    assert [r["key"] for r in result["summary"]] == ["training"]
+    names = [r["name"] for r in result["training"]["rows"]]
+    assert names[0].startswith("eager fp32 NCHW") and "channels_last + bfloat16 autocast" in names, names
+
+
 def test_speed_rejects_bad_size():
     proc = subprocess.run([sys.executable, "bench/speed.py", "--img-size", "50"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
