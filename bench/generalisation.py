@@ -76,10 +76,6 @@ VARIANTS: dict[str, list[str]] = {
     # split, and their models can be ensembled on it (bench/ensemble_probs.py); with seed 42 this is the
     # recipe itself (the same epochs where epoch_budget_minutes does not shorten the run)
     "recipe_split42": ["--split-seed", "42"],
-    # the recipe without its epoch time budget: all 14 epochs on a host where the budget shortens the run
-    # (fp32 on an AVX2-only CPU); measured by continuing a copy of the budgeted run's folder from its
-    # last.ckpt with --resume (exact: README "Resuming"), as the first 10 epochs are the same training
-    "recipe_nobudget": ["--epoch-budget-minutes", "0"],
 }
 
 
