@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import re
 import subprocess
@@ -333,3 +334,35 @@ def _check_sharpness_reliance(run):
     assert fine_n == pytest.approx(fine(images[y == 0]), abs=5e-4)
     assert fine_p == pytest.approx(fine(images[y == 1]), abs=5e-4)
     assert fine_matched == pytest.approx(fine(blur(images[y == 0], matcher.sigmas.get(0, 0.0))), abs=5e-4)
+
+
+def test_ssl_pretrain_writes_a_backbone_the_recipe_loads_from_training_patients_only(tiny_xrays, tmp_path):
+    """bench/ssl_pretrain.py: a few SimSiam steps on the training split's images (the validation
+    patients of chexformer train's split are left out), then a file that load_backbone_weights reads
+    in full; the loss is the symmetric negative cosine with the stop-gradient on z."""
+    import torch
+
+    from chexformer.config import load_config
+    from chexformer.data.datamodule import XrayDataModule
+    from chexformer.model import build_model
+    from chexformer.weights import load_backbone_weights
+
+    out = tmp_path / "ssl" / "backbone.pt"
+    _run(["bench/ssl_pretrain.py", "--data-dir", str(tiny_xrays), "--seed", "3", "--max-steps", "2",
+          "--batch-size", "4", "--log-every", "1", "--out", str(out)])
+    record = json.loads(out.with_suffix(".json").read_text())
+    dm = XrayDataModule(load_config(REPO / "configs" / "kermany.yaml", {"data_dir": str(tiny_xrays), "seed": 3}))
+    dm.scan()
+    assert record["steps"] == 2 and [t["step"] for t in record["trace"]] == [1, 2]
+    assert record["images"] == len(dm.train_samples) and 0 < len(dm.val_samples)
+    assert all(math.isfinite(t["loss"]) and t["z_std"] > 0 for t in record["trace"])
+    model = build_model(load_config(REPO / "configs" / "kermany.yaml"))
+    report = load_backbone_weights(model, out)
+    assert report.format == "torchvision-densenet121" and report.loaded == 725 and not report.missing
+
+    ssl = _bench_module("ssl_pretrain")
+    p = torch.randn(6, 8, requires_grad=True)
+    z = torch.randn(6, 8, requires_grad=True)
+    assert ssl.simsiam_loss(p, p, p, p).item() == pytest.approx(-1.0, abs=1e-6)
+    ssl.simsiam_loss(p, z, p, z).backward()
+    assert p.grad is not None and p.grad.abs().sum() > 0 and z.grad is None  # no gradient through z
