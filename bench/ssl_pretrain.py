@@ -29,7 +29,6 @@ epochs at batch 64 the paper's rate (0.05 x 64 / 256) barely moves a random netw
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import math
@@ -87,7 +86,7 @@ class SimSiam(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = F.relu(self.backbone(x)).mean(dim=(2, 3))  # (B, 1024): the backbone's map, pooled
-        z = self.projector(h.float())
+        z = self.projector(h)
         return z, self.predictor(z)
 
 
@@ -111,7 +110,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     dm = XrayDataModule(cfg)
     dm.build_images()
     images = dm.train_images
-    log.info("%d training images (%d validation patients' images never read)", len(images), len(dm.val_samples))
+    log.info("%d training images (the %d of the validation patients are left out)", len(images), len(dm.val_samples))
     views = TwoViews(images, build_transforms(ssl_cfg, train=True, mean=dm.mean, std=dm.std))
     loader = DataLoader(views, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=0,
                         generator=torch.Generator().manual_seed(args.seed))
@@ -138,8 +137,7 @@ def pretrain(args: argparse.Namespace) -> dict:
             for group in opt.param_groups:
                 group["lr"] = args.lr * (0.5 * (1 + math.cos(math.pi * elapsed / budget)) if group["cosine"] else 1.0)
             x = torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)
-            ctx = torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
-            with ctx:
+            with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
                 z, p = net(x)
             z1, z2 = z.float().chunk(2)
             p1, p2 = p.float().chunk(2)
