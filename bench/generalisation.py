@@ -77,9 +77,9 @@ VARIANTS: dict[str, list[str]] = {
     # recipe itself (the same epochs where epoch_budget_minutes does not shorten the run)
     "recipe_split42": ["--split-seed", "42"],
     # balanced sampling instead of the pos_weight loss: each epoch draws NORMAL and PNEUMONIA views
-    # equally often (with replacement: each normal image ~2.9x as often as each pneumonia image), so the model sees more augmented, acquisition-
-    # shifted normals, the class whose specificity fell on the later patients; Platt calibration
-    # re-fits the offset either way
+    # equally often (with replacement: each normal image ~2.9x as often as each pneumonia image), so
+    # the model sees more augmented, acquisition-shifted normals, the class whose specificity fell on
+    # the later patients; Platt calibration re-fits the offset either way
     "recipe_sampler": ["--class-weighting", "sampler"],
 }
 
