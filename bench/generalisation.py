@@ -81,6 +81,10 @@ VARIANTS: dict[str, list[str]] = {
     # the model sees more augmented, acquisition-shifted normals, the class whose specificity fell on
     # the later patients; Platt calibration re-fits the offset either way
     "recipe_sampler": ["--class-weighting", "sampler"],
+    # random erasing (Zhong et al. 2020; torchvision RandomErasing, p 0.5, its default rectangle sizes):
+    # a regulariser that is not an acquisition change, against a model deciding on one region (the
+    # round-1 attention sat on corners and borders, where markers and collimation edges are)
+    "recipe_erase": ["--random-erasing", "0.5"],
 }
 
 

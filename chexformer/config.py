@@ -162,6 +162,10 @@ class Config:
     by the sigma that matches their median sharpness (measured on the training images at setup;
     chexformer.shifts.SharpnessMatch), so sharpness stops telling the classes apart; 0 turns it off.
     The per-class sharpness is measured and logged either way."""
+    random_erasing: float = 0.0
+    """Probability of erasing one random rectangle (2-33 % of the image, aspect 0.3-3.3) of a training
+    image to the mean grey (torchvision ``RandomErasing``, Zhong et al. 2020), so no single region,
+    such as a corner marker, decides the class; 0 turns it off."""
     intensity: Literal["stretch", "equalize"] = "stretch"
     """After the intensity rule (percentiles -> 0..255), 'stretch' keeps it; 'equalize' adds global
     histogram equalisation (invariant to any monotone contrast curve)."""
@@ -300,6 +304,7 @@ class Config:
         need(0.0 <= self.brightness < 1.0 and 0.0 <= self.contrast < 1.0,
              "brightness and contrast jitter must lie in [0, 1)")
         need(0.0 <= self.acquisition_aug <= 1.0, f"acquisition_aug must lie in [0, 1], got {self.acquisition_aug}")
+        need(0.0 <= self.random_erasing <= 1.0, f"random_erasing must lie in [0, 1], got {self.random_erasing}")
         need(0.0 <= self.sharpness_match <= 1.0, f"sharpness_match must lie in [0, 1], got {self.sharpness_match}")
         need(0.0 < self.acquisition_strength <= 2.0,
              f"acquisition_strength must lie in (0, 2], got {self.acquisition_strength}")

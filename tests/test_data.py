@@ -513,6 +513,17 @@ def test_build_transforms_contracts():
     acq = build_transforms(cfg.replace(acquisition_aug=1.0), train=True, mean=mean, std=std)
     assert "RandomAcquisition" in " ".join(type(t).__name__ for t in acq.transforms)
     assert acq(img).shape == (3, 64, 64)
+    erase = build_transforms(cfg.replace(random_erasing=1.0, rotation_deg=0.0, translate=0.0, scale_min=1.0,
+                                         scale_max=1.0, brightness=0.0, contrast=0.0), train=True, mean=mean, std=std)
+    torch.manual_seed(1)
+    erased = erase(img)
+    hole = (erased == 0).all(dim=0)  # erased pixels are the mean (0 after Normalize) in every channel
+    assert 0.02 * 64 * 64 * 0.5 <= hole.sum() <= 0.34 * 64 * 64  # one rectangle of 2-33 % (rounded)
+    assert torch.equal(erased[:, ~hole], evaluate(img)[:, ~hole])  # the rest is the image, untouched
+    evaluation = build_transforms(cfg.replace(random_erasing=1.0), train=False, mean=mean, std=std)
+    assert "RandomErasing" not in " ".join(type(t).__name__ for t in evaluation.transforms)
+    with pytest.raises(ValueError, match="random_erasing"):
+        cfg.replace(random_erasing=1.5)
 
 
 # ----------------------------------------------------------------------------------------------

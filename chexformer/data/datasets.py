@@ -56,7 +56,8 @@ def build_transforms(cfg, train: bool, mean: Sequence[float] | float, std: Seque
 
     Training (with ``cfg.augment``): a small random affine (rotation, translation, scale),
     brightness/contrast jitter and, with ``acquisition_aug > 0``, random acquisition changes
-    (:class:`chexformer.shifts.RandomAcquisition`: resolution loss, blur, gamma, noise, JPEG).
+    (:class:`chexformer.shifts.RandomAcquisition`: resolution loss, blur, gamma, noise, JPEG) and,
+    with ``random_erasing > 0``, one erased rectangle at the very end (on the normalised image).
     Never flips (the heart is on the patient's left) and never crops. Every path, training and
     evaluation, ends with the intensity rule on the model-size image
     (:func:`chexformer.shifts.standardize_tensor`), then ``intensity: equalize`` if set.
@@ -81,6 +82,8 @@ def build_transforms(cfg, train: bool, mean: Sequence[float] | float, std: Seque
     if getattr(cfg, "intensity", "stretch") == "equalize":
         steps.append(v2.RandomEqualize(p=1.0))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if train and cfg.augment and getattr(cfg, "random_erasing", 0) > 0:
+        steps.append(v2.RandomErasing(p=cfg.random_erasing, value=0))  # 0 = the mean after Normalize
     return v2.Compose(steps)
 
 
