@@ -164,8 +164,9 @@ class Config:
     The per-class sharpness is measured and logged either way."""
     random_erasing: float = 0.0
     """Probability of erasing one random rectangle (2-33 % of the image, aspect 0.3-3.3) of a training
-    image to the mean grey (torchvision ``RandomErasing``, Zhong et al. 2020), so no single region,
-    such as a corner marker, decides the class; 0 turns it off."""
+    image to the normalisation mean, 0 in every channel after ``Normalize`` (torchvision
+    ``RandomErasing``, Zhong et al. 2020), so no single region, such as a corner marker, decides the
+    class; 0 turns it off."""
     intensity: Literal["stretch", "equalize"] = "stretch"
     """After the intensity rule (percentiles -> 0..255), 'stretch' keeps it; 'equalize' adds global
     histogram equalisation (invariant to any monotone contrast curve)."""

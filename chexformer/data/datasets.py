@@ -82,8 +82,8 @@ def build_transforms(cfg, train: bool, mean: Sequence[float] | float, std: Seque
     if getattr(cfg, "intensity", "stretch") == "equalize":
         steps.append(v2.RandomEqualize(p=1.0))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    if train and cfg.augment and getattr(cfg, "random_erasing", 0) > 0:
-        steps.append(v2.RandomErasing(p=cfg.random_erasing, value=0))  # 0 = the mean after Normalize
+    if train and cfg.augment and cfg.random_erasing > 0:
+        steps.append(v2.RandomErasing(p=cfg.random_erasing, value=0))  # 0 = each channel's Normalize mean
     return v2.Compose(steps)
 
 
