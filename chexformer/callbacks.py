@@ -128,10 +128,16 @@ class EpochBudget(Callback):
     trains fewer epochs instead of overrunning its time. Lightning's ``max_time`` stops in the
     middle of an epoch, and its Timer at epoch granularity only once the limit has passed (up to an
     epoch late). Every rank takes the same decision. ``stopped_after`` is the last epoch trained
-    (0-based) when the budget ended the run, else None."""
+    (0-based) when the budget ended the run, else None.
 
-    def __init__(self, minutes: float) -> None:
+    ``reserve`` keeps that many more longest epochs of the budget free for what runs after training
+    (the robustness suite, TTA and the guard in :func:`chexformer.train.train`): those steps are
+    forward passes of the same model, so their time scales with the machine's speed as an epoch's
+    does, and a budget in minutes then holds for the whole run on a slower machine too."""
+
+    def __init__(self, minutes: float, reserve: float = 0.0) -> None:
         self.seconds = 60.0 * minutes
+        self.reserve = float(reserve)
         self.stopped_after: int | None = None
         self._begin = self._epoch_begin = time.perf_counter()
         self._longest = 0.0
@@ -146,14 +152,15 @@ class EpochBudget(Callback):
         now = time.perf_counter()
         self._longest = max(self._longest, now - self._epoch_begin)
         more = trainer.current_epoch + 1 < trainer.max_epochs
-        stop = more and now - self._begin + self._longest > self.seconds
+        stop = more and now - self._begin + self._longest * (1.0 + self.reserve) > self.seconds
         if trainer.strategy.reduce_boolean_decision(stop, all=False):
             trainer.should_stop = True
             self.stopped_after = trainer.current_epoch
             log.warning(
-                "epoch_budget_minutes=%g: stopping after epoch %d of %d (%.1f min trained, longest epoch %.1f min): "
-                "another epoch would end past the budget on this machine", self.seconds / 60,
-                trainer.current_epoch + 1, trainer.max_epochs, (now - self._begin) / 60, self._longest / 60)
+                "epoch_budget_minutes=%g: stopping after epoch %d of %d (%.1f min trained, longest epoch %.1f min, "
+                "%.1f min reserved for the steps after training): another epoch would end past the budget on this "
+                "machine", self.seconds / 60, trainer.current_epoch + 1, trainer.max_epochs,
+                (now - self._begin) / 60, self._longest / 60, self._longest * self.reserve / 60)
 
 
 class ResumeState(Callback):

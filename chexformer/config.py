@@ -90,6 +90,11 @@ class Config:
     this process; a --resume starts the clock again). On a slower machine a fixed ``epochs`` budget
     then trains fewer epochs instead of overrunning; logged, and recorded in summary.json
     (``time_budget``)."""
+    epoch_budget_reserve: float = 0.0
+    """With ``epoch_budget_minutes``: keep this many longest epochs of the budget free for the steps
+    after training (robustness suite, TTA, guard; forward passes whose time scales with the machine
+    as an epoch's does), so the budget holds for the whole run, not only for training. 0 = the
+    budget is for training alone."""
     patience: int = 5
     """Early stopping: epochs without a lower validation loss before training stops (only with
     ``checkpoint_selection: val_loss``)."""
@@ -278,6 +283,8 @@ class Config:
         need(self.max_minutes >= 0, f"max_minutes must not be negative, got {self.max_minutes}")
         need(self.epoch_budget_minutes >= 0,
              f"epoch_budget_minutes must not be negative, got {self.epoch_budget_minutes}")
+        need(self.epoch_budget_reserve >= 0,
+             f"epoch_budget_reserve must not be negative, got {self.epoch_budget_reserve}")
         need(self.swa_epochs == 0 or self.epoch_budget_minutes == 0,
              "swa_epochs averages the last epochs of the budget: set epoch_budget_minutes to 0 (a time budget "
              "could end training before the average starts)")

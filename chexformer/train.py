@@ -234,7 +234,7 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
     if cfg.swa_epochs > 0:
         callbacks.insert(0, SWA(start_epoch=cfg.epochs - cfg.swa_epochs))
     if cfg.epoch_budget_minutes > 0:
-        callbacks.append(EpochBudget(cfg.epoch_budget_minutes))
+        callbacks.append(EpochBudget(cfg.epoch_budget_minutes, reserve=cfg.epoch_budget_reserve))
     logger = build_logger(cfg, run.out)
     steps_per_epoch = max(1, -(-len(dm.train_set) // cfg.batch_size))
     trainer = L.Trainer(
@@ -384,8 +384,8 @@ def _time_budget(cfg: Config, trainer: L.Trainer) -> dict[str, Any]:
     budget = next((c for c in trainer.callbacks if isinstance(c, EpochBudget)), None)
     if budget is None:
         return {}
-    return {"time_budget": {"minutes": cfg.epoch_budget_minutes, "epochs": cfg.epochs,
-                            "stopped_after_epoch": budget.stopped_after}}
+    return {"time_budget": {"minutes": cfg.epoch_budget_minutes, "reserve": cfg.epoch_budget_reserve,
+                            "epochs": cfg.epochs, "stopped_after_epoch": budget.stopped_after}}
 
 
 def _float(v) -> float | None:

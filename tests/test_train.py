@@ -608,6 +608,16 @@ def test_epoch_budget_stops_when_the_next_epoch_would_overrun(monkeypatch):
     clock[0] += 500
     last.on_train_epoch_end(trainer, None)
     assert not trainer.should_stop and last.stopped_after is None
+    # a reserve of 1.5 longest epochs for the steps after training: 270 s + 150 s * 2.5 > 600 s
+    reserved = callbacks.EpochBudget(minutes=10, reserve=1.5)
+    reserved.on_train_start(trainer, None)
+    trainer.should_stop = False
+    for epoch, seconds in enumerate([150, 120]):
+        trainer.current_epoch = epoch
+        reserved.on_train_epoch_start(trainer, None)
+        clock[0] += seconds
+        reserved.on_train_epoch_end(trainer, None)
+    assert trainer.should_stop and reserved.stopped_after == 1  # 150 s + 375 s <= 600 s went on; 270 s did not
 
 
 def test_epoch_budget_ends_a_run_on_an_epoch_boundary_and_says_so(tiny_data, tmp_path, caplog):
@@ -615,7 +625,7 @@ def test_epoch_budget_ends_a_run_on_an_epoch_boundary_and_says_so(tiny_data, tmp
     with caplog.at_level("WARNING", logger="chexformer"):
         summary = train(_cfg(tiny_data, out, epochs=4, checkpoint_selection="last", epoch_budget_minutes=1e-4))
     assert summary["epochs_run"] == 1 and summary["time_budget"] == {
-        "minutes": 1e-4, "epochs": 4, "stopped_after_epoch": 0}
+        "minutes": 1e-4, "reserve": 0.0, "epochs": 4, "stopped_after_epoch": 0}
     assert "stopping after epoch 1 of 4" in caplog.text
     assert [int(r["epoch"]) for r in read_history(out / "history.csv")] == [0]
     assert read_checkpoint_file(out / "checkpoints" / "best.ckpt")["epoch"] == 0
