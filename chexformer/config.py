@@ -285,6 +285,8 @@ class Config:
              f"epoch_budget_minutes must not be negative, got {self.epoch_budget_minutes}")
         need(self.epoch_budget_reserve >= 0,
              f"epoch_budget_reserve must not be negative, got {self.epoch_budget_reserve}")
+        need(self.epoch_budget_reserve == 0 or self.epoch_budget_minutes > 0,
+             "epoch_budget_reserve keeps part of epoch_budget_minutes free: set epoch_budget_minutes too")
         need(self.swa_epochs == 0 or self.epoch_budget_minutes == 0,
              "swa_epochs averages the last epochs of the budget: set epoch_budget_minutes to 0 (a time budget "
              "could end training before the average starts)")

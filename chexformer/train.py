@@ -397,7 +397,8 @@ def _log_summary(summary: dict[str, Any]) -> None:
              f"best val_loss {summary['best_val_loss']})"]
     budget = summary.get("time_budget")
     if budget and budget["stopped_after_epoch"] is not None:
-        lines.append(f"  SHORTENED by epoch_budget_minutes={budget['minutes']:g}: {summary['epochs_run']} of "
+        reserve = f", reserve {budget['reserve']:g} longest epochs" if budget.get("reserve") else ""
+        lines.append(f"  SHORTENED by epoch_budget_minutes={budget['minutes']:g}{reserve}: {summary['epochs_run']} of "
                      f"{budget['epochs']} epochs trained")
     for split, d in summary["data"]["splits"].items():
         lines.append(f"  {split}: {d['images']} images, {d['patients']} patients, {d['per_class']}")

@@ -631,6 +631,10 @@ def test_epoch_budget_ends_a_run_on_an_epoch_boundary_and_says_so(tiny_data, tmp
     assert read_checkpoint_file(out / "checkpoints" / "best.ckpt")["epoch"] == 0
     with pytest.raises(ConfigError, match="epoch_budget_minutes"):
         _cfg(tiny_data, out, epoch_budget_minutes=5, swa_epochs=1, ema_decay=0.0).validate()
+    with pytest.raises(ConfigError, match="epoch_budget_reserve must not be negative"):
+        _cfg(tiny_data, out, epoch_budget_minutes=5, epoch_budget_reserve=-1).validate()
+    with pytest.raises(ConfigError, match="set epoch_budget_minutes too"):
+        _cfg(tiny_data, out, epoch_budget_reserve=2.5).validate()
 
 
 def test_feature_cache_key_changes_with_files_weights_and_precision(tiny_data, tmp_path):
