@@ -94,7 +94,8 @@ class Config:
     """With ``epoch_budget_minutes``: keep this many longest epochs of the budget free for the steps
     after training (robustness suite, TTA, guard; forward passes whose time scales with the machine
     as an epoch's does), so the budget holds for the whole run, not only for training. 0 = the
-    budget is for training alone."""
+    budget is for training alone; inert while ``epoch_budget_minutes`` is 0 (no budget), so
+    ``--epoch-budget-minutes 0`` turns the recipe's budget off whole."""
     patience: int = 5
     """Early stopping: epochs without a lower validation loss before training stops (only with
     ``checkpoint_selection: val_loss``)."""
@@ -285,8 +286,6 @@ class Config:
              f"epoch_budget_minutes must not be negative, got {self.epoch_budget_minutes}")
         need(self.epoch_budget_reserve >= 0,
              f"epoch_budget_reserve must not be negative, got {self.epoch_budget_reserve}")
-        need(self.epoch_budget_reserve == 0 or self.epoch_budget_minutes > 0,
-             "epoch_budget_reserve keeps part of epoch_budget_minutes free: set epoch_budget_minutes too")
         need(self.swa_epochs == 0 or self.epoch_budget_minutes == 0,
              "swa_epochs averages the last epochs of the budget: set epoch_budget_minutes to 0 (a time budget "
              "could end training before the average starts)")
