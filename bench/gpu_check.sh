@@ -32,7 +32,7 @@ timeout 90 $PY bench/device_parity.py "$DEMO/checkpoints/best.ckpt" "$DEMO/demo-
 echo "parity rc=${PIPESTATUS[0]}"
 
 echo "3. tests"
-workers=()
+workers=(-o "addopts=-ra")  # without pytest-xdist, pyproject's '-n logical' would be an unknown option
 $PY -c "import xdist" 2>/dev/null && workers=(-n 14 -p no:benchmark)
 start=$(date +%s)
 # -v: each test's outcome is in the log as it ends, so a run cut by the timeout still says what failed

@@ -372,6 +372,7 @@ def test_resume_from_a_checkpoint_without_generator_state_warns(tiny_data, tmp_p
     assert load_checkpoint(out / "checkpoints" / "final.ckpt")[1].epoch == 1
 
 
+@pytest.mark.xdist_group("ddp")  # one worker runs both, one after the other (ports, cores)
 def test_two_process_ddp_ranks_agree(tiny_data, tmp_path):
     out = tmp_path / "ddp"
     args = _train_args(tiny_data, out, 1) + ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
@@ -386,6 +387,7 @@ def test_two_process_ddp_ranks_agree(tiny_data, tmp_path):
     assert summary["world_size"] == 2
 
 
+@pytest.mark.xdist_group("ddp")  # one worker runs both, one after the other (ports, cores)
 def test_two_process_ddp_builds_the_feature_cache_on_each_rank(tiny_data, tmp_path):
     out = tmp_path / "ddp_cache"
     args = _train_args(tiny_data, out, 1) + ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
