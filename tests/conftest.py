@@ -12,9 +12,9 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (the README's ``-n 2``) each worker gets one thread, and so do the
-    processes its tests start (training CLIs, DDP ranks): two workers then share two cores
-    instead of four threads fighting over them."""
+    """Under pytest-xdist (``-n logical`` in pyproject's addopts) each worker gets one torch
+    thread, and so do the processes its tests start (training CLIs, DDP ranks), so the workers
+    share the cores instead of oversubscribing them."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
