@@ -9,6 +9,8 @@
 #      (SPEED_ARGS adds flags: one compile of the model took 48 s for inference alone on an H200).
 # Each step runs alone: the demo run beside the 14 test workers was starved of CPU and cut at 150 s.
 # Usage: bash bench/gpu_check.sh [OUT_DIR]   (a Python with PyTorch + CUDA and the package's deps).
+# pydicom is one of them (every image read imports it): the lent H200's image lacks it, so install its
+# wheel there first; the script stops at once without it.
 # Seven files in OUT_DIR. About 6.5 minutes at most; on an H200: demo 76 s, tests 225 s, speed about 90 s.
 set -uo pipefail
 OUT=$(realpath -m "${1:-${OUT:-runs/gpu_check}}")
@@ -16,7 +18,8 @@ cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-$PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD
+$PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+$PY -c "import pydicom" 2>/dev/null || { echo "pydicom is missing: install its wheel first (pip install --no-index --no-deps pydicom-*.whl)"; exit 2; }
 $PY -c "import torch, torchvision, lightning; print('torch', torch.__version__, 'torchvision', torchvision.__version__,
 'lightning', lightning.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 

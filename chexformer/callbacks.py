@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint, WeightAveraging
-from torch.optim.swa_utils import get_ema_multi_avg_fn
+from torch.optim.swa_utils import get_ema_multi_avg_fn, get_swa_avg_fn
 
 from chexformer.history import read_history, write_history
 
@@ -74,10 +74,15 @@ class SWA(WeightAveraging):
     """Uniform average of every parameter and buffer after each optimiser step from epoch
     ``start_epoch`` on (dense SWA, as in SWAD). Until the first update there is no average: the raw
     weights are validated and checkpointed (Lightning's base class would swap in the copy of the
-    initial weights that :class:`AveragedModel` starts from)."""
+    initial weights that :class:`AveragedModel` starts from).
+
+    The update is torch's per-tensor SWA function on every device: without one, AveragedModel
+    takes its foreach branch where foreach kernels exist (CUDA), and that branch raises on
+    BatchNorm's integer step counter (torch 2.11 on an H200). On the CPU this is the update torch
+    ran anyway, so CPU runs are unchanged to the bit."""
 
     def __init__(self, start_epoch: int) -> None:
-        super().__init__(use_buffers=True)
+        super().__init__(use_buffers=True, avg_fn=get_swa_avg_fn())
         self.start_epoch = start_epoch
         self._trainer = None
         self._restored_start: int | None = None  # the start epoch of a checkpoint's average

@@ -716,11 +716,20 @@ class _BNRegression(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_swa_averages_every_step_of_the_last_epochs_and_validates_raw_weights_before(tmp_path):
+@pytest.mark.parametrize("foreach_on_cpu", [False, True], ids=["cpu-path", "cuda-path"])
+def test_swa_averages_every_step_of_the_last_epochs_and_validates_raw_weights_before(tmp_path, monkeypatch,
+                                                                                    foreach_on_cpu):
     """SWA(start_epoch=1) over 3 epochs: epoch 0 is validated and checkpointed with the raw
     weights; from epoch 1 on, with the uniform mean of the raw weights (and BatchNorm buffers) after
-    each optimiser step so far; the model that leaves training is the mean over epochs 1-2."""
+    each optimiser step so far; the model that leaves training is the mean over epochs 1-2.
+    ``cuda-path``: torch's AveragedModel takes its foreach branch on devices with foreach kernels
+    (CUDA), whose SWA update raised on BatchNorm's integer step counter (seen on an H200); the
+    CPU, made to look like such a device, runs that branch here."""
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+    from torch.optim import swa_utils
+
+    if foreach_on_cpu:
+        monkeypatch.setattr(swa_utils, "_get_foreach_kernels_supported_devices", lambda: ["cpu", "cuda"])
 
     from chexformer.callbacks import SWA
 
