@@ -31,10 +31,24 @@ DEMO_OVERRIDES = {
 }
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each message, not the stream it found when
+    created: ``main()`` called twice in one process (a notebook, a test session capturing stderr)
+    would otherwise keep writing to a replaced, possibly closed stream."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property ignores that
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
     """chexformer's messages to stderr; Lightning keeps its own handler (no duplicate lines)."""
     if not any(getattr(h, "_chexformer", False) for h in log.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         handler._chexformer = True
         log.addHandler(handler)

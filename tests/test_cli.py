@@ -73,6 +73,25 @@ def test_verbose_before_or_after_the_command():
     assert parser.parse_args(["train"]).verbose is False
 
 
+def test_log_messages_follow_the_current_stderr(monkeypatch):
+    """The handler main() installs writes to sys.stderr as it is at each message: a second main() in
+    the same process, after stderr was replaced (and the old one closed), still logs, to the new one."""
+    import io
+    import logging
+
+    from chexformer.cli import _setup_logging
+
+    old = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", old)
+    _setup_logging(False)
+    old.close()
+    new = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", new)
+    _setup_logging(False)
+    logging.getLogger("chexformer").warning("after the swap")
+    assert "WARNING chexformer: after the swap" in new.getvalue() and "Logging error" not in new.getvalue()
+
+
 def test_bad_enumeration_value_is_one_clear_message(caplog):
     assert main(["summary", "--threshold-method", "youdn"]) == 2
     assert ("threshold_method: expected one of shift_robust, shift_worst, youden, sensitivity, got 'youdn'"
