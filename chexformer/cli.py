@@ -34,7 +34,8 @@ DEMO_OVERRIDES = {
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at the time of each message, not the stream it found when
     created: ``main()`` called twice in one process (a notebook, a test session capturing stderr)
-    would otherwise keep writing to a replaced, possibly closed stream."""
+    would otherwise keep writing to a replaced, possibly closed stream. (The standard library's
+    ``logging._StderrHandler``, behind ``logging.lastResort``, does the same but is private.)"""
 
     @property
     def stream(self):

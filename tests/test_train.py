@@ -716,6 +716,29 @@ class _BNRegression(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def test_swa_update_on_the_cpu_is_torch_default_to_the_bit():
+    """The SWA callback names torch's per-tensor update so that CUDA runs work; on the CPU, where
+    torch picks that update by itself, the average is the same to the bit as without it."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from chexformer.callbacks import SWA
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    default = AveragedModel(net, use_buffers=True)
+    ours = AveragedModel(net, use_buffers=True, **SWA(start_epoch=0)._kwargs)
+    for _ in range(20):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+            net(torch.randn(16, 4))  # train mode: moves BatchNorm's running statistics and step counter
+        default.update_parameters(net)
+        ours.update_parameters(net)
+    assert ours.avg_fn is not None and default.avg_fn is None
+    for (name, a), b in zip(default.state_dict().items(), ours.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.parametrize("foreach_on_cpu", [False, True], ids=["cpu-path", "cuda-path"])
 def test_swa_averages_every_step_of_the_last_epochs_and_validates_raw_weights_before(tmp_path, monkeypatch,
                                                                                     foreach_on_cpu):
