@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from chexformer.history import read_history, write_history
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMA", "SWA", "EpochBudget", "HistoryCSV", "RankAgreement", "ResumeState"]
+__all__ = ["EMA", "SWA", "EpochBudget", "FinalAnneal", "HistoryCSV", "RankAgreement", "ResumeState"]
 
 
 class HistoryCSV(Checkpoint):
@@ -153,6 +154,16 @@ class EpochBudget(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_begin = time.perf_counter()
 
+    def epochs_left(self, epoch: int, max_epochs: int) -> int:
+        """How many epochs from ``epoch`` (about to start, counted) the budget is projected to let
+        run: the rule of :meth:`on_train_epoch_end` applied ahead with the longest epoch so far.
+        Before any epoch has ended there is nothing to project from: ``max_epochs - epoch``."""
+        planned = max_epochs - epoch
+        if self._longest <= 0:
+            return planned
+        spare = (self.seconds - (time.perf_counter() - self._begin)) / self._longest - 1.0 - self.reserve
+        return max(1, min(planned, 1 + math.floor(spare)))
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         now = time.perf_counter()
         self._longest = max(self._longest, now - self._epoch_begin)
@@ -166,6 +177,58 @@ class EpochBudget(Callback):
                 "%.1f min reserved for the steps after training): another epoch would end past the budget on this "
                 "machine", self.seconds / 60, trainer.current_epoch + 1, trainer.max_epochs,
                 (now - self._begin) / 60, self._longest / 60, self._longest * self.reserve / 60)
+
+
+class FinalAnneal(Callback):
+    """End every run annealed, however it is ended: the last ``epochs`` epochs train at most at
+    ``lr0 * factor**j`` (``j`` = 1 for the first of them, ..., ``epochs`` for the last; each
+    parameter group's own starting rate ``lr0``, never below its floor), the rates a plateau
+    schedule has reached by the end of a full run. The end is ``max_epochs``, or sooner where an
+    :class:`EpochBudget` projects fewer epochs to fit on this machine: a run the budget shortens
+    would otherwise stop at its highest rate, with weights (and their average) that have not
+    settled. A cap only lowers a rate (a schedule already below it is left alone) and is applied
+    before every step, so a per-step schedule cannot undo it; Li et al. (ICLR 2020, "Budgeted
+    training") measured that a schedule which decays by the budget's end is what a short budget
+    needs. ``starts`` and ``floors`` map parameter-group names to their starting rate and floor."""
+
+    def __init__(self, epochs: int, factor: float, starts: dict[str, float], floors: dict[str, float],
+                 budget: EpochBudget | None = None) -> None:
+        self.epochs = int(epochs)
+        self.factor = float(factor)
+        self.starts, self.floors = dict(starts), dict(floors)
+        self.budget = budget
+        self._caps: dict[str, float] = {}
+
+    def cap(self, name: str, level: int) -> float:
+        """The highest rate of group ``name`` ``level`` steps into the anneal (repeated
+        multiplication, the plateau schedule's own arithmetic, so its rates compare exactly)."""
+        lr = self.starts[name]
+        for _ in range(level):
+            lr = max(lr * self.factor, self.floors[name])
+        return lr
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch
+        left = trainer.max_epochs - epoch
+        if self.budget is not None:
+            left = self.budget.epochs_left(epoch, trainer.max_epochs)
+        level = self.epochs - left + 1
+        self._caps = {} if level < 1 else {name: self.cap(name, level) for name in self.starts}
+        if self._caps:
+            self._apply(trainer)
+            log.info("final_anneal_epochs=%d: epoch %d is projected to be %d from the end; learning rate at most %s",
+                     self.epochs, epoch + 1, left, ", ".join(f"{n} {c:.3g}" for n, c in self._caps.items()))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._caps:
+            self._apply(trainer)
+
+    def _apply(self, trainer) -> None:
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                cap = self._caps.get(group.get("name"))
+                if cap is not None and group["lr"] > cap:
+                    group["lr"] = cap
 
 
 class ResumeState(Callback):

@@ -113,6 +113,11 @@ class Config:
     """ReduceLROnPlateau: epochs without improvement before the rate is multiplied by lr_factor."""
     lr_factor: float = 0.3
     """ReduceLROnPlateau multiplies the learning rate by this when validation loss stalls."""
+    final_anneal_epochs: int = 0
+    """End every run annealed (0 = off): the last k epochs train at most at the starting rate times
+    ``lr_factor``, ``lr_factor**2``, ..., ``lr_factor**k`` (never below ``min_lr``), whether the end
+    is ``epochs`` or an earlier one that ``epoch_budget_minutes`` projects on a slower machine. A
+    cap only lowers a rate, so a schedule already below it is untouched; logged when it binds."""
     label_smoothing: float = 0.0
     """Label smoothing of the training targets (0 = off, hard labels)."""
     mixup_alpha: float = 0.0
@@ -292,6 +297,7 @@ class Config:
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
         need(self.lr_patience >= 0, f"lr_patience must be >= 0, got {self.lr_patience}")
+        need(self.final_anneal_epochs >= 0, f"final_anneal_epochs must not be negative, got {self.final_anneal_epochs}")
         need(0 <= self.fine_tune_layers <= 5,
              f"fine_tune_layers must lie in 0..5 (DenseNet121 stages), got {self.fine_tune_layers}")
         need(not (self.fine_tune_layers > 0 and not self.freeze_cnn),

@@ -29,9 +29,17 @@ from chexformer.model import build_model, num_logits
 from chexformer.plots import denormalize, normalise01
 from chexformer.robustness import robust_threshold
 
-__all__ = ["ChexFormerModule"]
+__all__ = ["ChexFormerModule", "group_rates"]
 
 log = logging.getLogger(__name__)
+
+
+def group_rates(cfg: Config) -> tuple[dict[str, float], dict[str, float]]:
+    """Each optimiser parameter group's starting learning rate and floor, by group name: the head
+    (and transformer) at ``init_lr``, the trainable backbone at ``init_lr * backbone_lr_scale``;
+    the floor is ``min_lr``, or the group's start where that is lower."""
+    starts = {"head": cfg.init_lr, "backbone": cfg.init_lr * cfg.backbone_lr_scale}
+    return starts, {"head": cfg.min_lr, "backbone": min(cfg.min_lr, starts["backbone"])}
 
 
 def _cosine_factor(step: int, total: int, floor: float) -> float:
@@ -193,11 +201,12 @@ class ChexFormerModule(L.LightningModule):
         cfg = self.cfg
         backbone = [p for p in self.model.backbone.parameters() if p.requires_grad]
         head = [p for n, p in self.model.named_parameters() if p.requires_grad and not n.startswith("backbone.")]
-        groups = [{"params": head, "lr": cfg.init_lr, "name": "head"}]
-        min_lrs = [cfg.min_lr]
+        starts, floors = group_rates(cfg)
+        groups = [{"params": head, "lr": starts["head"], "name": "head"}]
+        min_lrs = [floors["head"]]
         if backbone:
-            groups.append({"params": backbone, "lr": cfg.init_lr * cfg.backbone_lr_scale, "name": "backbone"})
-            min_lrs.append(min(cfg.min_lr, cfg.init_lr * cfg.backbone_lr_scale))
+            groups.append({"params": backbone, "lr": starts["backbone"], "name": "backbone"})
+            min_lrs.append(floors["backbone"])
         # fused AdamW: one kernel for all parameters (CPU and CUDA), several times faster than the loop
         optimizer = torch.optim.AdamW(groups, lr=cfg.init_lr, weight_decay=cfg.weight_decay, fused=True)
         if cfg.lr_schedule == "cosine":

@@ -33,7 +33,7 @@ from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from chexformer import metrics
-from chexformer.callbacks import EMA, SWA, EpochBudget, HistoryCSV, RankAgreement, ResumeState
+from chexformer.callbacks import EMA, SWA, EpochBudget, FinalAnneal, HistoryCSV, RankAgreement, ResumeState
 from chexformer.config import Config, ConfigError
 from chexformer.data.datamodule import XrayDataModule
 from chexformer.data.scan import write_split_csv
@@ -41,7 +41,7 @@ from chexformer.evaluate import evaluate_checkpoint
 from chexformer.guard import fit_guard
 from chexformer.inference import Predictor
 from chexformer.model import build_model
-from chexformer.module import ChexFormerModule
+from chexformer.module import ChexFormerModule, group_rates
 from chexformer.robustness import (
     SHIFT_RULES,
     format_table,
@@ -233,8 +233,12 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
         callbacks.insert(0, EMA(cfg.ema_decay))
     if cfg.swa_epochs > 0:
         callbacks.insert(0, SWA(start_epoch=cfg.epochs - cfg.swa_epochs))
+    budget = None
     if cfg.epoch_budget_minutes > 0:
-        callbacks.append(EpochBudget(cfg.epoch_budget_minutes, reserve=cfg.epoch_budget_reserve))
+        budget = EpochBudget(cfg.epoch_budget_minutes, reserve=cfg.epoch_budget_reserve)
+        callbacks.append(budget)
+    if cfg.final_anneal_epochs > 0:
+        callbacks.append(FinalAnneal(cfg.final_anneal_epochs, cfg.lr_factor, *group_rates(cfg), budget=budget))
     logger = build_logger(cfg, run.out)
     steps_per_epoch = max(1, -(-len(dm.train_set) // cfg.batch_size))
     trainer = L.Trainer(

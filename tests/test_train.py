@@ -624,6 +624,81 @@ def test_epoch_budget_stops_when_the_next_epoch_would_overrun(monkeypatch):
     assert trainer.should_stop and reserved.stopped_after == 1  # 270 s + 375 s > 600 s (without the reserve: 420 s)
 
 
+@pytest.mark.parametrize("reserve", [0.0, 1.5])
+def test_epoch_budget_projects_the_end_its_own_stop_rule_reaches(monkeypatch, reserve):
+    from types import SimpleNamespace
+
+    from chexformer import callbacks
+
+    clock = [0.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    trainer = SimpleNamespace(current_epoch=0, max_epochs=14, should_stop=False,
+                              strategy=SimpleNamespace(reduce_boolean_decision=lambda stop, all: stop))
+    budget = callbacks.EpochBudget(minutes=20, reserve=reserve)  # 1,200 s of 150-s epochs
+    budget.on_train_start(trainer, None)
+    # the final anneal reads the same forecast: a shortened run still ends on its two lowest rates
+    group = {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3, "name": "head"}
+    trainer.optimizers = [torch.optim.AdamW([group])]
+    anneal = callbacks.FinalAnneal(2, 0.5, {"head": 1e-3}, {"head": 0.0}, budget=budget)
+    projected, rates = [], []
+    for epoch in range(14):
+        trainer.current_epoch = epoch
+        budget.on_train_epoch_start(trainer, None)
+        anneal.on_train_epoch_start(trainer, None)
+        rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+        projected.append(epoch + budget.epochs_left(epoch, 14))  # the end it forecasts, in epochs
+        clock[0] += 150
+        budget.on_train_epoch_end(trainer, None)
+        if trainer.should_stop:
+            break
+    ran = epoch + 1
+    assert ran == (8 if reserve == 0 else 6)  # 8 x 150 + 150 > 1,200 = 7 x 150 + 150; 6 x 150 + 2.5 x 150 > 1,200
+    assert projected[0] == 14  # nothing measured yet: the whole plan
+    assert set(projected[1:]) == {ran}, projected  # from then on, the epoch the rule stops after
+    assert rates == [1e-3] * (ran - 2) + [5e-4, 2.5e-4]
+
+
+def test_final_anneal_caps_the_last_epochs_and_leaves_a_lower_rate_alone():
+    from types import SimpleNamespace
+
+    from chexformer.callbacks import FinalAnneal
+    from chexformer.module import group_rates
+
+    cfg = Config(init_lr=1e-3, backbone_lr_scale=0.1, min_lr=2e-5, lr_factor=0.3)
+    anneal = FinalAnneal(2, cfg.lr_factor, *group_rates(cfg))
+    optimizer = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3, "name": "head"},
+                                   {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-4, "name": "backbone"}])
+    trainer = SimpleNamespace(current_epoch=0, max_epochs=7, optimizers=[optimizer])
+    seen = []
+    for epoch in range(7):
+        trainer.current_epoch = epoch
+        anneal.on_train_epoch_start(trainer, None)
+        anneal.on_train_batch_start(trainer, None, None, 0)
+        seen.append([g["lr"] for g in optimizer.param_groups])
+    # 5 epochs untouched, then the plateau schedule's own rates (1e-3 * 0.3 * 0.3 to the last bit);
+    # the backbone's 1e-4 * 0.09 is below min_lr, so its floor (min_lr) holds
+    assert seen == [[1e-3, 1e-4]] * 5 + [[1e-3 * 0.3, 1e-4 * 0.3], [1e-3 * 0.3 * 0.3, 2e-5]]
+    for group, lr in zip(optimizer.param_groups, (5e-5, 1e-5)):  # a schedule already below the cap
+        group["lr"] = lr
+    anneal.on_train_batch_start(trainer, None, None, 1)
+    assert [g["lr"] for g in optimizer.param_groups] == [5e-5, 1e-5]
+    with pytest.raises(ConfigError, match="final_anneal_epochs must not be negative"):
+        Config(final_anneal_epochs=-1).validate()
+
+
+@pytest.mark.parametrize("schedule", ["plateau", "cosine"])
+def test_final_anneal_ends_a_training_run_at_the_capped_rate(tiny_data, tmp_path, schedule):
+    out = tmp_path / schedule
+    train(_cfg(tiny_data, out, epochs=3, checkpoint_selection="last", lr_schedule=schedule, final_anneal_epochs=2,
+               init_lr=1e-3, min_lr=1e-6, lr_factor=0.3, lr_patience=5))
+    rates = [float(r["lr"]) for r in read_history(out / "history.csv")]
+    # history.csv keeps the rate at each epoch's end: epoch 1 under the first cap, epoch 2 under the
+    # second (a cosine schedule, stepped every batch, is capped before every step, so it holds too)
+    assert rates[1] <= 3e-4 * (1 + 1e-9) and rates[2] <= 9e-5 * (1 + 1e-9), rates
+    if schedule == "plateau":  # patience 5: the schedule itself never reduced; the caps are the rates
+        assert rates == pytest.approx([1e-3, 3e-4, 9e-5], rel=1e-12)
+
+
 def test_epoch_budget_ends_a_run_on_an_epoch_boundary_and_says_so(tiny_data, tmp_path, caplog):
     out = tmp_path / "budget"
     with caplog.at_level("WARNING", logger="chexformer"):
