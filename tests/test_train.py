@@ -699,6 +699,20 @@ def test_final_anneal_ends_a_training_run_at_the_capped_rate(tiny_data, tmp_path
         assert rates == pytest.approx([1e-3, 3e-4, 9e-5], rel=1e-12)
 
 
+def test_final_anneal_that_never_binds_trains_the_same_weights(tiny_data, tmp_path):
+    # caps above the schedule's own rates (cosine from 1e-3 over 3 epochs is at <= 0.75x by epoch 1's
+    # first step and <= 0.25x by epoch 2's, under 0.9x and 0.81x): the run is the run without them,
+    # to every bit, so a recipe whose schedule is already below the caps trains the model it did
+    states = []
+    for k in (0, 2):
+        out = tmp_path / f"anneal{k}"
+        train(_cfg(tiny_data, out, epochs=3, checkpoint_selection="last", lr_schedule="cosine", init_lr=1e-3,
+                   min_lr=1e-6, lr_factor=0.9, final_anneal_epochs=k))
+        states.append(read_checkpoint_file(out / "checkpoints" / "best.ckpt")["state_dict"])
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][n], states[1][n]) for n in states[0])
+
+
 def test_epoch_budget_ends_a_run_on_an_epoch_boundary_and_says_so(tiny_data, tmp_path, caplog):
     out = tmp_path / "budget"
     with caplog.at_level("WARNING", logger="chexformer"):
