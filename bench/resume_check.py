@@ -13,7 +13,9 @@ stored threshold and rows of ``validation_shift_suite.json`` (timings aside). Wr
 (loader workers' generators are not checkpointed) and on one machine (kernels differ across CPUs).
 Both runs train with ``--epoch-budget-minutes 0``: a resume restarts the time budget's clock, so
 with a budget the two could stop after different epochs; a ``--fresh`` run must be trained so too
-(a recipe run trained with the budget is refused as another config).
+(a recipe run trained with the budget is refused as another config). The first K epochs train
+without the final anneal (``final_anneal_epochs``), which would take the emulated interruption for
+the run's end; the uninterrupted run trains them so too as long as K leaves it its annealed epochs.
 """
 
 from __future__ import annotations
@@ -108,11 +110,18 @@ def main() -> int:
     # epochs than the uninterrupted one
     base = ["--config", str(a.config.resolve()), "--data-dir", str(a.data_dir.resolve()), "--seed", str(a.seed),
             "--epoch-budget-minutes", "0", *a.overrides]
-    epochs = load_config(a.config).epochs  # defaults apply where the file is silent
+    cfg = load_config(a.config)  # defaults apply where the file is silent
+    epochs, anneal = cfg.epochs, cfg.final_anneal_epochs
     if "--epochs" in a.overrides:
         epochs = int(a.overrides[a.overrides.index("--epochs") + 1])
+    if "--final-anneal-epochs" in a.overrides:
+        anneal = int(a.overrides[a.overrides.index("--final-anneal-epochs") + 1])
     if not 0 < a.stop_after < epochs:
         p.error(f"--stop-after must lie between 0 and the run's {epochs} epochs")
+    # the interruption is emulated by a run of K epochs, whose end the final anneal would see as the
+    # run's end: that leg trains without it, as the uninterrupted run does before its last epochs
+    if anneal and a.stop_after > epochs - anneal:
+        p.error(f"--stop-after must leave the final anneal's last {anneal} of {epochs} epochs to the resumed run")
     fresh = a.fresh.resolve() if a.fresh else a.out_dir / "fresh"
     if a.fresh and not (fresh / "summary.json").is_file():
         p.error(f"--fresh {fresh} is not a finished run (no summary.json)")
@@ -123,7 +132,7 @@ def main() -> int:
     try:
         if not (fresh / "summary.json").is_file():
             _train(fresh, *base)
-        _train(resumed, *base, "--epochs", str(a.stop_after))
+        _train(resumed, *base, "--epochs", str(a.stop_after), "--final-anneal-epochs", "0")
         _train(resumed, *base, "--epochs", str(epochs), "--resume")
     except subprocess.CalledProcessError as e:
         print(f"training failed (exit {e.returncode}); its output is in {a.out_dir}/*.log", file=sys.stderr)

@@ -284,6 +284,12 @@ class ChexFormerModule(L.LightningModule):
                         "cosine curve spans the whole budget, so the rate jumps where the two curves differ and the "
                         "continued run is not the run this config would train from the start",
                         schedules[0], stored.get("epochs"), schedules[1], self.cfg.epochs)
+        annealed = int(stored.get("final_anneal_epochs", 0) or 0)
+        end = stored.get("epochs")
+        if annealed and end is not None and end != self.cfg.epochs and self.validated_epoch >= end - annealed:
+            log.warning("resuming a run whose last %d epochs were annealed for an end at epoch %d, with epochs=%d: "
+                        "the continued run is not the run this config would train from the start (its rate "
+                        "went down for an end that is no longer the end)", annealed, end, self.cfg.epochs)
 
 
 def _per_map_01(t: torch.Tensor) -> torch.Tensor:

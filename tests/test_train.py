@@ -349,6 +349,20 @@ def test_cosine_schedule_ends_at_min_lr_and_resumes_exactly(tiny_data, tmp_path,
     _assert_same_run(part, whole)
 
 
+def test_final_anneal_resumes_exactly_and_warns_when_a_run_is_extended(tiny_data, tmp_path, monkeypatch, caplog):
+    """The anneal reads its end from the epoch and the budget, nothing saved: a run interrupted
+    inside it retraces the uninterrupted one; one extended past an end it annealed for says so."""
+    kw = dict(checkpoint_selection="last", final_anneal_epochs=2, init_lr=1e-3, lr_factor=0.3, lr_patience=5)
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train(_cfg(tiny_data, whole, epochs=3, **kw), evaluate=False)
+    _interrupted_at_epoch_2(monkeypatch, _cfg(tiny_data, part, epochs=3, **kw))  # epoch 1 was already capped
+    train(_cfg(tiny_data, part, epochs=3, **kw), resume=True, evaluate=False)
+    _assert_same_run(part, whole)
+    with caplog.at_level("WARNING", logger="chexformer.module"):
+        train(_cfg(tiny_data, whole, epochs=4, **kw), resume=True, evaluate=False)
+    assert "last 2 epochs were annealed for an end at epoch 3, with epochs=4" in caplog.text
+
+
 def test_extending_a_cosine_run_warns_that_the_curve_changes(tiny_data, tmp_path, caplog):
     out = tmp_path / "run"
     kw = dict(checkpoint_selection="last", lr_schedule="cosine")
