@@ -98,7 +98,8 @@ VARIANTS: dict[str, list[str]] = {
     # so a shortened run ends at (nearly) its highest rate; final_anneal_epochs 2 ends it at the rates a
     # full run reaches (init_lr * 0.3, * 0.09). A fixed --epochs 7 is the run the budget would have cut
     # (plateau does not know the end; the anneal reads the same end from epochs or the budget's forecast)
-    "recipe_e7": ["--epochs", "7", "--epoch-budget-minutes", "0"],
+    # (the recipe anneals since a979e6a: the plain variant turns it off)
+    "recipe_e7": ["--epochs", "7", "--epoch-budget-minutes", "0", "--final-anneal-epochs", "0"],
     "recipe_e7_anneal": ["--epochs", "7", "--epoch-budget-minutes", "0", "--final-anneal-epochs", "2"],
 }
 
