@@ -180,7 +180,8 @@ class EpochBudget(Callback):
 
 
 class FinalAnneal(Callback):
-    """End every run annealed, however it is ended: the last ``epochs`` epochs train at most at
+    """End a run annealed, whether ``epochs`` or the epoch budget ends it (not early stopping or
+    ``max_minutes``, which give no notice): the last ``epochs`` epochs train at most at
     ``lr0 * factor**j`` (``j`` = 1 for the first of them, ..., ``epochs`` for the last; each
     parameter group's own starting rate ``lr0``, never below its floor), the rates a plateau
     schedule has reached by the end of a full run. The end is ``max_epochs``, or sooner where an
@@ -210,8 +211,9 @@ class FinalAnneal(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch
         left = trainer.max_epochs - epoch
-        if self.budget is not None:
-            left = self.budget.epochs_left(epoch, trainer.max_epochs)
+        if self.budget is not None:  # the earliest end any rank forecasts (any rank's vote stops the run): one rate
+            forecast = torch.tensor(self.budget.epochs_left(epoch, trainer.max_epochs))
+            left = int(trainer.strategy.all_gather(forecast).min())
         level = self.epochs - left + 1
         self._caps = {} if level < 1 else {name: self.cap(name, level) for name in self.starts}
         if self._caps:

@@ -648,6 +648,7 @@ def test_epoch_budget_projects_the_end_its_own_stop_rule_reaches(monkeypatch, re
     monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
     trainer = SimpleNamespace(current_epoch=0, max_epochs=14, should_stop=False,
                               strategy=SimpleNamespace(reduce_boolean_decision=lambda stop, all: stop))
+    trainer.strategy.all_gather = lambda tensor: tensor
     budget = callbacks.EpochBudget(minutes=20, reserve=reserve)  # 1,200 s of 150-s epochs
     budget.on_train_start(trainer, None)
     # the final anneal reads the same forecast: a shortened run still ends on its two lowest rates
@@ -711,6 +712,12 @@ def test_final_anneal_ends_a_training_run_at_the_capped_rate(tiny_data, tmp_path
     assert rates[1] <= 3e-4 * (1 + 1e-9) and rates[2] <= 9e-5 * (1 + 1e-9), rates
     if schedule == "plateau":  # patience 5: the schedule itself never reduced; the caps are the rates
         assert rates == pytest.approx([1e-3, 3e-4, 9e-5], rel=1e-12)
+    else:  # cosine is under the caps by each epoch's end, but not at epoch 1's start (0.75x): other weights
+        plain = tmp_path / "plain"
+        train(_cfg(tiny_data, plain, epochs=3, checkpoint_selection="last", lr_schedule=schedule, init_lr=1e-3,
+                   min_lr=1e-6, lr_factor=0.3, lr_patience=5))
+        a, b = (read_checkpoint_file(o / "checkpoints" / "best.ckpt")["state_dict"] for o in (out, plain))
+        assert any(not torch.equal(a[n], b[n]) for n in a)
 
 
 def test_final_anneal_that_never_binds_trains_the_same_weights(tiny_data, tmp_path):
