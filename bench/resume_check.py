@@ -111,11 +111,11 @@ def main() -> int:
     base = ["--config", str(a.config.resolve()), "--data-dir", str(a.data_dir.resolve()), "--seed", str(a.seed),
             "--epoch-budget-minutes", "0", *a.overrides]
     cfg = load_config(a.config)  # defaults apply where the file is silent
-    epochs, anneal = cfg.epochs, cfg.final_anneal_epochs
-    if "--epochs" in a.overrides:
-        epochs = int(a.overrides[a.overrides.index("--epochs") + 1])
-    if "--final-anneal-epochs" in a.overrides:
-        anneal = int(a.overrides[a.overrides.index("--final-anneal-epochs") + 1])
+
+    def setting(flag: str, default: int) -> int:  # the config's value unless an override sets it
+        return int(a.overrides[a.overrides.index(flag) + 1]) if flag in a.overrides else default
+
+    epochs, anneal = setting("--epochs", cfg.epochs), setting("--final-anneal-epochs", cfg.final_anneal_epochs)
     if not 0 < a.stop_after < epochs:
         p.error(f"--stop-after must lie between 0 and the run's {epochs} epochs")
     # the interruption is emulated by a run of K epochs, whose end the final anneal would see as the

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -161,14 +160,21 @@ class EpochBudget(Callback):
         planned = max_epochs - epoch
         if self._longest <= 0:
             return planned
-        spare = (self.seconds - (time.perf_counter() - self._begin)) / self._longest - 1.0 - self.reserve
-        return max(1, min(planned, 1 + math.floor(spare)))
+        elapsed, runs = time.perf_counter() - self._begin, 1
+        while runs < planned and not self._past_budget(elapsed + runs * self._longest):
+            runs += 1
+        return runs
+
+    def _past_budget(self, elapsed: float) -> bool:
+        """The stop rule: would one more epoch plus the reserve, each as long as the longest so far,
+        end past the budget when ``elapsed`` seconds of training are behind?"""
+        return elapsed + self._longest * (1.0 + self.reserve) > self.seconds
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         now = time.perf_counter()
         self._longest = max(self._longest, now - self._epoch_begin)
         more = trainer.current_epoch + 1 < trainer.max_epochs
-        stop = more and now - self._begin + self._longest * (1.0 + self.reserve) > self.seconds
+        stop = more and self._past_budget(now - self._begin)
         if trainer.strategy.reduce_boolean_decision(stop, all=False):
             trainer.should_stop = True
             self.stopped_after = trainer.current_epoch

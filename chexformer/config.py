@@ -117,7 +117,7 @@ class Config:
     """End every run annealed (0 = off): the last k epochs train at most at the starting rate times
     ``lr_factor``, ``lr_factor**2``, ..., ``lr_factor**k`` (never below ``min_lr``), whether the end
     is ``epochs`` or an earlier one that ``epoch_budget_minutes`` projects on a slower machine. A
-    cap only lowers a rate, so a schedule already below it is untouched; logged when it binds."""
+    cap only lowers a rate, so a schedule already below it is untouched; each capped epoch is logged."""
     label_smoothing: float = 0.0
     """Label smoothing of the training targets (0 = off, hard labels)."""
     mixup_alpha: float = 0.0
