@@ -233,12 +233,15 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
         callbacks.insert(0, EMA(cfg.ema_decay))
     if cfg.swa_epochs > 0:
         callbacks.insert(0, SWA(start_epoch=cfg.epochs - cfg.swa_epochs))
-    budget = None
+    # the budget and the anneal go before the rate monitor (hooks run in list order): an epoch's
+    # caps are in place when LearningRateMonitor logs its rate at the epoch's start
+    budget, monitor = None, next(i for i, c in enumerate(callbacks) if isinstance(c, LearningRateMonitor))
     if cfg.epoch_budget_minutes > 0:
         budget = EpochBudget(cfg.epoch_budget_minutes, reserve=cfg.epoch_budget_reserve)
-        callbacks.append(budget)
+        callbacks.insert(monitor, budget)
+        monitor += 1
     if cfg.final_anneal_epochs > 0:
-        callbacks.append(FinalAnneal(cfg.final_anneal_epochs, cfg.lr_factor, *group_rates(cfg), budget=budget))
+        callbacks.insert(monitor, FinalAnneal(cfg.final_anneal_epochs, cfg.lr_factor, *group_rates(cfg), budget=budget))
     logger = build_logger(cfg, run.out)
     steps_per_epoch = max(1, -(-len(dm.train_set) // cfg.batch_size))
     trainer = L.Trainer(

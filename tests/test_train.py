@@ -712,6 +712,15 @@ def test_final_anneal_ends_a_training_run_at_the_capped_rate(tiny_data, tmp_path
     assert rates[1] <= 3e-4 * (1 + 1e-9) and rates[2] <= 9e-5 * (1 + 1e-9), rates
     if schedule == "plateau":  # patience 5: the schedule itself never reduced; the caps are the rates
         assert rates == pytest.approx([1e-3, 3e-4, 9e-5], rel=1e-12)
+        # TensorBoard logs each epoch's rate at its start: the capped one, for every parameter group
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(out / "tensorboard")).Reload()
+        tags = [t for t in acc.Tags()["scalars"] if t.startswith("lr-")]
+        assert tags
+        for tag in tags:
+            logged = [e.value for e in acc.Scalars(tag)]
+            assert logged == pytest.approx([logged[0], logged[0] * 0.3, logged[0] * 0.09], rel=1e-6), (tag, logged)
     else:  # cosine is under the caps by each epoch's end, but not at epoch 1's start (0.75x): other weights
         plain = tmp_path / "plain"
         train(_cfg(tiny_data, plain, epochs=3, checkpoint_selection="last", lr_schedule=schedule, init_lr=1e-3,
