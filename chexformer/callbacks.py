@@ -205,6 +205,10 @@ class FinalAnneal(Callback):
         self.starts, self.floors = dict(starts), dict(floors)
         self.budget = budget
         self._caps: dict[str, float] = {}
+        # the last epoch started (epoch, epochs projected left, epochs max_epochs leaves, capped or
+        # not), saved in checkpoints: a resume tells an end the budget forecast from the configured one
+        self._last: dict[str, int] = {}
+        self._resumed: dict[str, int] = {}
 
     def cap(self, name: str, level: int) -> float:
         """The highest rate of group ``name`` ``level`` steps into the anneal (repeated
@@ -222,6 +226,7 @@ class FinalAnneal(Callback):
             left = int(trainer.strategy.all_gather(forecast).min())
         level = self.epochs - left + 1
         self._caps = {} if level < 1 else {name: self.cap(name, level) for name in self.starts}
+        self._last = {"epoch": epoch, "left": left, "planned": trainer.max_epochs - epoch, "capped": int(level >= 1)}
         if self._caps:
             self._apply(trainer)
             log.info("final_anneal_epochs=%d: epoch %d is projected to be %d from the end; learning rate at most %s",
@@ -230,6 +235,25 @@ class FinalAnneal(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if self._caps:
             self._apply(trainer)
+
+    def state_dict(self) -> dict:
+        return dict(self._last)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resumed = {k: int(v) for k, v in state_dict.items()}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """A resumed run whose saved epoch was annealed for an end the budget forecast (not the
+        configured one) says that it cannot retrace a run: the new process starts a fresh budget,
+        and its optimizer continues from the rate the anneal lowered."""
+        if not (trainer.ckpt_path and self._resumed):
+            return
+        epoch, left, planned = (self._resumed[k] for k in ("epoch", "left", "planned"))
+        if self._resumed["capped"] and left < planned:
+            log.warning("resuming a run whose epoch %d trained under the final anneal for an end the epoch budget "
+                        "forecast (epoch %d of %d): this process starts a fresh budget and continues from the rate "
+                        "the anneal lowered, so the continued run is not the run this config trains uninterrupted",
+                        epoch + 1, epoch + left, epoch + planned)
 
     def _apply(self, trainer) -> None:
         for optimizer in trainer.optimizers:

@@ -350,13 +350,31 @@ def test_cosine_schedule_ends_at_min_lr_and_resumes_exactly(tiny_data, tmp_path,
 
 
 def test_final_anneal_resumes_exactly_and_warns_when_a_run_is_extended(tiny_data, tmp_path, monkeypatch, caplog):
-    """The anneal reads its end from the epoch and the budget, nothing saved: a run interrupted
-    inside it retraces the uninterrupted one; one extended past an end it annealed for says so."""
+    """The anneal reads its end from the epoch and the budget, not from the checkpoint: a run
+    interrupted inside it retraces the uninterrupted one; one extended past an end it annealed for
+    says so."""
     kw = dict(checkpoint_selection="last", final_anneal_epochs=2, init_lr=1e-3, lr_factor=0.3, lr_patience=5)
     whole, part = tmp_path / "whole", tmp_path / "part"
     train(_cfg(tiny_data, whole, epochs=3, **kw), evaluate=False)
     _interrupted_at_epoch_2(monkeypatch, _cfg(tiny_data, part, epochs=3, **kw))  # epoch 1 was already capped
-    train(_cfg(tiny_data, part, epochs=3, **kw), resume=True, evaluate=False)
+    # what the checkpoint keeps of it (for the warning of a budget-forecast end): epoch 1, capped, its end configured
+    saved = read_checkpoint_file(part / "checkpoints" / "last.ckpt")
+    assert saved["callbacks"]["FinalAnneal"] == {"epoch": 1, "left": 2, "planned": 2, "capped": 1}
+    # the same checkpoint as if a budget had forecast the end after epoch 1: its resume warns (the
+    # state reaches the callback through Lightning's restore)
+    import shutil
+
+    forged = tmp_path / "forged"
+    shutil.copytree(part, forged)
+    saved["callbacks"]["FinalAnneal"] = {"epoch": 1, "left": 1, "planned": 2, "capped": 1}
+    torch.save(saved, forged / "checkpoints" / "last.ckpt")
+    with caplog.at_level("WARNING", logger="chexformer"):
+        train(_cfg(tiny_data, forged, epochs=3, **kw), resume=True, evaluate=False)
+    assert "epoch 2 trained under the final anneal for an end the epoch budget forecast (epoch 2 of 3)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="chexformer"):
+        train(_cfg(tiny_data, part, epochs=3, **kw), resume=True, evaluate=False)
+    assert "budget forecast" not in caplog.text
     _assert_same_run(part, whole)
     with caplog.at_level("WARNING", logger="chexformer.module"):
         train(_cfg(tiny_data, whole, epochs=4, **kw), resume=True, evaluate=False)
@@ -671,6 +689,29 @@ def test_epoch_budget_projects_the_end_its_own_stop_rule_reaches(monkeypatch, re
     assert projected[0] == 14  # nothing measured yet: the whole plan
     assert set(projected[1:]) == {ran}, projected  # from then on, the epoch the rule stops after
     assert rates == [1e-3] * (ran - 2) + [5e-4, 2.5e-4]
+    # what its checkpoint keeps: the last epoch was capped for an end the budget forecast
+    assert anneal.state_dict() == {"epoch": ran - 1, "left": 1, "planned": 14 - (ran - 1), "capped": 1}
+
+
+def test_resuming_a_run_annealed_for_the_budget_end_warns(caplog):
+    from types import SimpleNamespace
+
+    from chexformer.callbacks import FinalAnneal
+
+    def resumed(state):
+        anneal = FinalAnneal(2, 0.3, {"head": 1e-3}, {"head": 0.0})
+        anneal.load_state_dict(state)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="chexformer.callbacks"):
+            anneal.on_train_start(SimpleNamespace(ckpt_path="last.ckpt"), None)
+        return caplog.text
+
+    # the budget stopped a 14-epoch run after epoch 7 (0-based 6), annealed for that end: warns
+    assert "epoch 7 trained under the final anneal for an end the epoch budget forecast (epoch 7 of 14)" in resumed(
+        {"epoch": 6, "left": 1, "planned": 8, "capped": 1})
+    assert not resumed({"epoch": 12, "left": 2, "planned": 2, "capped": 1})  # the configured end: retraces
+    assert not resumed({"epoch": 3, "left": 9, "planned": 11, "capped": 0})  # not annealed yet
+    assert not resumed({})  # a checkpoint from before the state was kept
 
 
 def test_final_anneal_caps_the_last_epochs_and_leaves_a_lower_rate_alone():
