@@ -146,22 +146,27 @@ class EpochBudget(Callback):
         self.stopped_after: int | None = None
         self._begin = self._epoch_begin = time.perf_counter()
         self._longest = 0.0
+        self._gap, self._epoch_end = 0.0, None  # the longest pause between epochs (checkpoints, epoch-end hooks)
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._begin = time.perf_counter()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_begin = time.perf_counter()
+        if self._epoch_end is not None:
+            self._gap = max(self._gap, self._epoch_begin - self._epoch_end)
 
     def epochs_left(self, epoch: int, max_epochs: int) -> int:
         """How many epochs from ``epoch`` (about to start, counted) the budget is projected to let
-        run: the rule of :meth:`on_train_epoch_end` applied ahead with the longest epoch so far.
-        Before any epoch has ended there is nothing to project from: ``max_epochs - epoch``."""
+        run: the rule of :meth:`on_train_epoch_end` applied ahead with the longest epoch and the
+        longest pause between epochs so far (the rule's clock runs through the pauses, its epoch
+        length does not). Before any epoch has ended there is nothing to project from:
+        ``max_epochs - epoch``."""
         planned = max_epochs - epoch
         if self._longest <= 0:
             return planned
         elapsed, runs = time.perf_counter() - self._begin, 1
-        while runs < planned and not self._past_budget(elapsed + runs * self._longest):
+        while runs < planned and not self._past_budget(elapsed + runs * self._longest + (runs - 1) * self._gap):
             runs += 1
         return runs
 
@@ -171,7 +176,7 @@ class EpochBudget(Callback):
         return elapsed + self._longest * (1.0 + self.reserve) > self.seconds
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        now = time.perf_counter()
+        now = self._epoch_end = time.perf_counter()
         self._longest = max(self._longest, now - self._epoch_begin)
         more = trainer.current_epoch + 1 < trainer.max_epochs
         stop = more and self._past_budget(now - self._begin)

@@ -657,7 +657,8 @@ def test_epoch_budget_stops_when_the_next_epoch_would_overrun(monkeypatch):
 
 
 @pytest.mark.parametrize("reserve", [0.0, 1.5])
-def test_epoch_budget_projects_the_end_its_own_stop_rule_reaches(monkeypatch, reserve):
+@pytest.mark.parametrize("pause", [0, 20])
+def test_epoch_budget_projects_the_end_its_own_stop_rule_reaches(monkeypatch, reserve, pause):
     from types import SimpleNamespace
 
     from chexformer import callbacks
@@ -684,8 +685,11 @@ def test_epoch_budget_projects_the_end_its_own_stop_rule_reaches(monkeypatch, re
         budget.on_train_epoch_end(trainer, None)
         if trainer.should_stop:
             break
+        clock[0] += pause  # checkpoints and epoch-end hooks after the budget's own: the rule's clock runs on
     ran = epoch + 1
-    assert ran == (8 if reserve == 0 else 6)  # 8 x 150 + 150 > 1,200 = 7 x 150 + 150; 6 x 150 + 2.5 x 150 > 1,200
+    # 8 x 150 + 150 > 1,200 = 7 x 150 + 150; 6 x 150 + 2.5 x 150 > 1,200; with 20-s pauses between
+    # epochs: 7 x 150 + 6 x 20 + 150 > 1,200 >= 6 x 150 + 5 x 20 + 150; 5 x 150 + 4 x 20 + 375 > 1,200
+    assert ran == {(0, 0.0): 8, (0, 1.5): 6, (20, 0.0): 7, (20, 1.5): 5}[pause, reserve]
     assert projected[0] == 14  # nothing measured yet: the whole plan
     assert set(projected[1:]) == {ran}, projected  # from then on, the epoch the rule stops after
     assert rates == [1e-3] * (ran - 2) + [5e-4, 2.5e-4]
