@@ -242,23 +242,25 @@ class FinalAnneal(Callback):
             self._apply(trainer)
 
     def state_dict(self) -> dict:
-        return dict(self._last)
+        return dict(self._last or self._resumed)  # a resume that trains no epoch keeps what it loaded
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resumed = {k: int(v) for k, v in state_dict.items()}
 
     def on_train_start(self, trainer, pl_module) -> None:
         """A resumed run whose saved epoch was annealed for an end the budget forecast (not the
-        configured one) says that it cannot retrace a run: the new process starts a fresh budget,
-        and its optimizer continues from the rate the anneal lowered."""
-        if not (trainer.ckpt_path and self._resumed):
+        configured one) says that it cannot retrace a run: the budget's clock does not carry over a
+        resume, and the rates the anneal lowered are not re-derived (a plateau schedule continues
+        from them). Not said when the resumed config turns the anneal off (Lightning then warns
+        that the checkpoint's FinalAnneal callback is missing)."""
+        if not (trainer.ckpt_path and self._resumed and trainer.is_global_zero):
             return
         epoch, left, planned = (self._resumed[k] for k in ("epoch", "left", "planned"))
         if self._resumed["capped"] and left < planned:
             log.warning("resuming a run whose epoch %d trained under the final anneal for an end the epoch budget "
-                        "forecast (epoch %d of %d): this process starts a fresh budget and continues from the rate "
-                        "the anneal lowered, so the continued run is not the run this config trains uninterrupted",
-                        epoch + 1, epoch + left, epoch + planned)
+                        "forecast (epoch %d of %d): the budget's clock does not carry over a resume and the rates the "
+                        "anneal lowered are not re-derived, so the continued run is not the run this config trains "
+                        "uninterrupted", epoch + 1, epoch + left, epoch + planned)
 
     def _apply(self, trainer) -> None:
         for optimizer in trainer.optimizers:

@@ -372,6 +372,12 @@ def test_final_anneal_resumes_exactly_and_warns_when_a_run_is_extended(tiny_data
         train(_cfg(tiny_data, forged, epochs=3, **kw), resume=True, evaluate=False)
     assert "epoch 2 trained under the final anneal for an end the epoch budget forecast (epoch 2 of 3)" in caplog.text
     caplog.clear()
+    # a resume that trains no epoch (the run is complete) rewrites final.ckpt with the state it loaded
+    final = forged / "checkpoints" / "final.ckpt"
+    written = final.stat().st_mtime_ns
+    train(_cfg(tiny_data, forged, epochs=3, **kw), resume=True, evaluate=False)
+    assert final.stat().st_mtime_ns > written
+    assert read_checkpoint_file(final)["callbacks"]["FinalAnneal"]["epoch"] == 2
     with caplog.at_level("WARNING", logger="chexformer"):
         train(_cfg(tiny_data, part, epochs=3, **kw), resume=True, evaluate=False)
     assert "budget forecast" not in caplog.text
@@ -657,7 +663,7 @@ def test_epoch_budget_stops_when_the_next_epoch_would_overrun(monkeypatch):
 
 
 @pytest.mark.parametrize("reserve", [0.0, 1.5])
-@pytest.mark.parametrize("pause", [0, 20])
+@pytest.mark.parametrize("pause", [0, 60])
 def test_epoch_budget_projects_the_end_its_own_stop_rule_reaches(monkeypatch, reserve, pause):
     from types import SimpleNamespace
 
@@ -687,9 +693,10 @@ def test_epoch_budget_projects_the_end_its_own_stop_rule_reaches(monkeypatch, re
             break
         clock[0] += pause  # checkpoints and epoch-end hooks after the budget's own: the rule's clock runs on
     ran = epoch + 1
-    # 8 x 150 + 150 > 1,200 = 7 x 150 + 150; 6 x 150 + 2.5 x 150 > 1,200; with 20-s pauses between
-    # epochs: 7 x 150 + 6 x 20 + 150 > 1,200 >= 6 x 150 + 5 x 20 + 150; 5 x 150 + 4 x 20 + 375 > 1,200
-    assert ran == {(0, 0.0): 8, (0, 1.5): 6, (20, 0.0): 7, (20, 1.5): 5}[pause, reserve]
+    # 8 x 150 + 150 > 1,200 = 7 x 150 + 150; 6 x 150 + 2.5 x 150 > 1,200; with 60-s pauses between
+    # epochs (a forecast without them says 7 and 6): 6 x 150 + 5 x 60 + 150 > 1,200 >= 5 x 150 + 4 x 60 + 150;
+    # 5 x 150 + 4 x 60 + 375 > 1,200 >= 4 x 150 + 3 x 60 + 375
+    assert ran == {(0, 0.0): 8, (0, 1.5): 6, (60, 0.0): 6, (60, 1.5): 5}[pause, reserve]
     assert projected[0] == 14  # nothing measured yet: the whole plan
     assert set(projected[1:]) == {ran}, projected  # from then on, the epoch the rule stops after
     assert rates == [1e-3] * (ran - 2) + [5e-4, 2.5e-4]
@@ -707,7 +714,7 @@ def test_resuming_a_run_annealed_for_the_budget_end_warns(caplog):
         anneal.load_state_dict(state)
         caplog.clear()
         with caplog.at_level("WARNING", logger="chexformer.callbacks"):
-            anneal.on_train_start(SimpleNamespace(ckpt_path="last.ckpt"), None)
+            anneal.on_train_start(SimpleNamespace(ckpt_path="last.ckpt", is_global_zero=True), None)
         return caplog.text
 
     # the budget stopped a 14-epoch run after epoch 7 (0-based 6), annealed for that end: warns
@@ -715,7 +722,6 @@ def test_resuming_a_run_annealed_for_the_budget_end_warns(caplog):
         {"epoch": 6, "left": 1, "planned": 8, "capped": 1})
     assert not resumed({"epoch": 12, "left": 2, "planned": 2, "capped": 1})  # the configured end: retraces
     assert not resumed({"epoch": 3, "left": 9, "planned": 11, "capped": 0})  # not annealed yet
-    assert not resumed({})  # a checkpoint from before the state was kept
 
 
 def test_final_anneal_caps_the_last_epochs_and_leaves_a_lower_rate_alone():
