@@ -211,13 +211,20 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
         dirpath=run.checkpoints, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
         auto_insert_metric_name=False, enable_version_counter=False,
     )
+    budget = EpochBudget(cfg.epoch_budget_minutes, reserve=cfg.epoch_budget_reserve) \
+        if cfg.epoch_budget_minutes > 0 else None
+    anneal = FinalAnneal(cfg.final_anneal_epochs, cfg.lr_factor, *group_rates(cfg), budget=budget) \
+        if cfg.final_anneal_epochs > 0 else None
     # Lightning moves Checkpoint subclasses to the end and keeps their order: HistoryCSV goes first,
     # so an epoch's row is on disk before its checkpoints and a kill between the two cannot leave a
-    # last.ckpt whose epoch history.csv lacks (a resume would skip that row for good).
+    # last.ckpt whose epoch history.csv lacks (a resume would skip that row for good). The budget and
+    # the anneal go before the rate monitor (hooks run in list order): an epoch's caps are in place
+    # when LearningRateMonitor logs its rate at the epoch's start.
     callbacks = [
         HistoryCSV(run.history),
         best,
         last,
+        *(c for c in (budget, anneal) if c is not None),
         LearningRateMonitor(logging_interval="epoch"),
         RankAgreement(),
         ResumeState(),
@@ -233,15 +240,6 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
         callbacks.insert(0, EMA(cfg.ema_decay))
     if cfg.swa_epochs > 0:
         callbacks.insert(0, SWA(start_epoch=cfg.epochs - cfg.swa_epochs))
-    # the budget and the anneal go before the rate monitor (hooks run in list order): an epoch's
-    # caps are in place when LearningRateMonitor logs its rate at the epoch's start
-    budget, monitor = None, next(i for i, c in enumerate(callbacks) if isinstance(c, LearningRateMonitor))
-    if cfg.epoch_budget_minutes > 0:
-        budget = EpochBudget(cfg.epoch_budget_minutes, reserve=cfg.epoch_budget_reserve)
-        callbacks.insert(monitor, budget)
-        monitor += 1
-    if cfg.final_anneal_epochs > 0:
-        callbacks.insert(monitor, FinalAnneal(cfg.final_anneal_epochs, cfg.lr_factor, *group_rates(cfg), budget=budget))
     logger = build_logger(cfg, run.out)
     steps_per_epoch = max(1, -(-len(dm.train_set) // cfg.batch_size))
     trainer = L.Trainer(
