@@ -227,7 +227,8 @@ class FinalAnneal(Callback):
         epoch = trainer.current_epoch
         left = trainer.max_epochs - epoch
         if self.budget is not None:  # the earliest end any rank forecasts (any rank's vote stops the run): one rate
-            forecast = torch.tensor(self.budget.epochs_left(epoch, trainer.max_epochs))
+            # on the module's device: an NCCL process group gathers CUDA tensors only
+            forecast = torch.tensor(self.budget.epochs_left(epoch, trainer.max_epochs), device=pl_module.device)
             left = int(trainer.strategy.all_gather(forecast).min())
         level = self.epochs - left + 1
         self._caps = {} if level < 1 else {name: self.cap(name, level) for name in self.starts}

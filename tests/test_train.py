@@ -413,7 +413,10 @@ def test_resume_from_a_checkpoint_without_generator_state_warns(tiny_data, tmp_p
 @pytest.mark.xdist_group("ddp")  # one worker runs both, one after the other (ports, cores)
 def test_two_process_ddp_ranks_agree(tiny_data, tmp_path):
     out = tmp_path / "ddp"
-    args = _train_args(tiny_data, out, 1) + ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    # the recipe's budget and final anneal ride along: the anneal gathers every rank's forecast of the end
+    # (a budget this long forecasts the configured end), so the ranks cap the last epoch alike
+    args = _train_args(tiny_data, out, 2) + ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+                                              "--epoch-budget-minutes", "600", "--final-anneal-epochs", "1"]
     proc = _cli(*args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     log = proc.communicate(timeout=600)[0].decode()
     assert proc.returncode == 0, log[-3000:]
@@ -423,6 +426,8 @@ def test_two_process_ddp_ranks_agree(tiny_data, tmp_path):
     assert len(set(check["checksums"])) == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
+    assert log.count("final_anneal_epochs=1: epoch 2 is projected to be 1 from the end") == 2  # once per rank
+    assert [float(r["lr"]) for r in read_history(out / "history.csv")] == [1e-4, 1e-4 * 0.3]
 
 
 @pytest.mark.xdist_group("ddp")  # one worker runs both, one after the other (ports, cores)
@@ -684,7 +689,7 @@ def test_epoch_budget_projects_the_end_its_own_stop_rule_reaches(monkeypatch, re
     for epoch in range(14):
         trainer.current_epoch = epoch
         budget.on_train_epoch_start(trainer, None)
-        anneal.on_train_epoch_start(trainer, None)
+        anneal.on_train_epoch_start(trainer, SimpleNamespace(device=torch.device("cpu")))
         rates.append(trainer.optimizers[0].param_groups[0]["lr"])
         projected.append(epoch + budget.epochs_left(epoch, 14))  # the end it forecasts, in epochs
         clock[0] += 150
@@ -702,6 +707,28 @@ def test_epoch_budget_projects_the_end_its_own_stop_rule_reaches(monkeypatch, re
     assert rates == [1e-3] * (ran - 2) + [5e-4, 2.5e-4]
     # what its checkpoint keeps: the last epoch was capped for an end the budget forecast
     assert anneal.state_dict() == {"epoch": ran - 1, "left": 1, "planned": 14 - (ran - 1), "capped": 1}
+
+
+def test_final_anneal_gathers_the_budget_forecast_on_the_module_device():
+    # an NCCL process group (DDP across GPUs) gathers CUDA tensors only: the forecast must be made on
+    # the module's device, not the CPU default (a meta device stands in for a GPU here)
+    from types import SimpleNamespace
+
+    from chexformer import callbacks
+
+    seen = []
+
+    def all_gather(tensor):
+        seen.append(tensor.device)
+        return torch.tensor([3, 1])  # two ranks' forecasts: the earliest end wins
+
+    group = {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3, "name": "head"}
+    trainer = SimpleNamespace(current_epoch=5, max_epochs=14, optimizers=[torch.optim.AdamW([group])],
+                              strategy=SimpleNamespace(all_gather=all_gather))
+    anneal = callbacks.FinalAnneal(2, 0.5, {"head": 1e-3}, {"head": 0.0}, budget=callbacks.EpochBudget(minutes=20))
+    anneal.on_train_epoch_start(trainer, SimpleNamespace(device=torch.device("meta")))
+    assert seen == [torch.device("meta")]
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 2.5e-4  # one epoch left on some rank: the last cap
 
 
 def test_resuming_a_run_annealed_for_the_budget_end_warns(caplog):
