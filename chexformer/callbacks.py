@@ -250,18 +250,10 @@ class FinalAnneal(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         """A resumed run whose saved epoch was annealed for an end the budget forecast (not the
-        configured one) says that it cannot retrace a run: the budget's clock does not carry over a
-        resume, and the rates the anneal lowered are not re-derived (a plateau schedule continues
-        from them). Not said when the resumed config turns the anneal off (Lightning then warns
-        that the checkpoint's FinalAnneal callback is missing)."""
-        if not (trainer.ckpt_path and self._resumed and trainer.is_global_zero):
-            return
-        epoch, left, planned = (self._resumed[k] for k in ("epoch", "left", "planned"))
-        if self._resumed["capped"] and left < planned:
-            log.warning("resuming a run whose epoch %d trained under the final anneal for an end the epoch budget "
-                        "forecast (epoch %d of %d): the budget's clock does not carry over a resume and the rates the "
-                        "anneal lowered are not re-derived, so the continued run is not the run this config trains "
-                        "uninterrupted", epoch + 1, epoch + left, epoch + planned)
+        configured one) says so (:func:`warn_resume_after_budget_anneal`); where the resumed config
+        turns the anneal off, the module says it instead."""
+        if trainer.ckpt_path and self._resumed and trainer.is_global_zero:
+            warn_resume_after_budget_anneal(self._resumed)
 
     def _apply(self, trainer) -> None:
         for optimizer in trainer.optimizers:
@@ -269,6 +261,21 @@ class FinalAnneal(Callback):
                 cap = self._caps.get(group.get("name"))
                 if cap is not None and group["lr"] > cap:
                     group["lr"] = cap
+
+
+def warn_resume_after_budget_anneal(state: dict) -> None:
+    """Warn when a checkpoint's :class:`FinalAnneal` state (``state``, as it saves it) says that
+    its epoch was annealed for an end the epoch budget forecast rather than the configured one: a
+    resume cannot retrace such a run, because the budget's clock does not carry over a resume and
+    the rates the anneal lowered are not re-derived (a plateau schedule continues from them)."""
+    if not state or not state.get("capped"):
+        return
+    epoch, left, planned = (int(state[k]) for k in ("epoch", "left", "planned"))
+    if left < planned:
+        log.warning("resuming a run whose epoch %d trained under the final anneal for an end the epoch budget "
+                    "forecast (epoch %d of %d): the budget's clock does not carry over a resume and the rates the "
+                    "anneal lowered are not re-derived, so the continued run is not the run this config trains "
+                    "uninterrupted", epoch + 1, epoch + left, epoch + planned)
 
 
 class ResumeState(Callback):

@@ -368,9 +368,17 @@ def test_final_anneal_resumes_exactly_and_warns_when_a_run_is_extended(tiny_data
     shutil.copytree(part, forged)
     saved["callbacks"]["FinalAnneal"] = {"epoch": 1, "left": 1, "planned": 2, "capped": 1}
     torch.save(saved, forged / "checkpoints" / "last.ckpt")
+    off = tmp_path / "forged_off"
+    shutil.copytree(forged, off)
     with caplog.at_level("WARNING", logger="chexformer"):
         train(_cfg(tiny_data, forged, epochs=3, **kw), resume=True, evaluate=False)
-    assert "epoch 2 trained under the final anneal for an end the epoch budget forecast (epoch 2 of 3)" in caplog.text
+    said = "epoch 2 trained under the final anneal for an end the epoch budget forecast (epoch 2 of 3)"
+    assert caplog.text.count(said) == 1
+    caplog.clear()
+    # the same resume with the anneal turned off: no FinalAnneal callback to say it, the module does
+    with caplog.at_level("WARNING", logger="chexformer"):
+        train(_cfg(tiny_data, off, epochs=3, **{**kw, "final_anneal_epochs": 0}), resume=True, evaluate=False)
+    assert caplog.text.count(said) == 1
     caplog.clear()
     # a resume that trains no epoch (the run is complete) rewrites final.ckpt with the state it loaded
     final = forged / "checkpoints" / "final.ckpt"
