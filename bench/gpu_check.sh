@@ -3,6 +3,7 @@
 #   1. the demo end to end with accelerator/precision 'auto' (CUDA, bf16-mixed): training, the
 #      post-training suite and TTA in bf16, guard, evaluation, explanation panels, report;
 #   2. bench/device_parity.py on the demo's checkpoint: CPU fp32, CUDA fp32, CUDA autocast, CPU bf16;
+#   2b. a two-epoch DDP run on one GPU (NCCL) with the epoch budget and the final anneal on;
 #   3. the test suite on that machine (accelerator 'auto' picks the GPU), minus the web service tests
 #      (pytest-xdist, if installed: 14 workers, 1 thread each);
 #   4. bench/speed.py --device cuda at the recipe's batch 32 and at batch 256, torch.compile off
@@ -11,7 +12,7 @@
 # Usage: bash bench/gpu_check.sh [OUT_DIR]   (a Python with PyTorch + CUDA and the package's deps).
 # pydicom is one of them (every image read imports it): the lent H200's image lacks it, so install its
 # wheel there first; the script stops at once without it.
-# Seven files in OUT_DIR. About 6.5 minutes at most; on an H200: demo 76 s, tests 225 s, speed about 90 s.
+# Eight files in OUT_DIR. About 8.5 minutes at most; on an H200: demo 76 s, tests 225 s, speed about 90 s.
 set -uo pipefail
 OUT=$(realpath -m "${1:-${OUT:-runs/gpu_check}}")
 cd "$(dirname "$0")/.."
@@ -33,6 +34,13 @@ echo "2. device parity"
 timeout 90 $PY bench/device_parity.py "$DEMO/checkpoints/best.ckpt" "$DEMO/demo-data" --max-images 128 2>&1 \
     | grep -v Warning | tee "$OUT/device_parity.txt"
 echo "parity rc=${PIPESTATUS[0]}"
+
+echo "2b. DDP with NCCL on one GPU, the recipe's budget and final anneal on (the anneal gathers its forecast)"
+DDP=$(mktemp -d)/ddp
+timeout 120 $PY -m chexformer train --data-dir "$DEMO/demo-data" --out-dir "$DDP" --epochs 2 --img-size 64 \
+    --d-model 32 --num-heads 4 --ffn-dim 64 --num-layers 1 --batch-size 8 --backbone-weights none --num-workers 0 \
+    --devices 1 --strategy ddp --epoch-budget-minutes 600 --final-anneal-epochs 1 > "$OUT/ddp_nccl.log" 2>&1
+echo "ddp rc=$?"; grep -E "projected to be|Error|error" "$OUT/ddp_nccl.log" | head -5
 
 echo "3. tests"
 workers=(-o "addopts=-ra")  # without pytest-xdist, pyproject's '-n logical' would be an unknown option
