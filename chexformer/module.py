@@ -244,16 +244,17 @@ class ChexFormerModule(L.LightningModule):
                 or not isinstance(self.logger, TensorBoardLogger) or self.trainer.sanity_checking):
             return
         x = self.explain_images.to(self.device)
+        xm = x.to(self.dtype)  # the weights' dtype: bf16 under precision bf16-true, where Lightning casts them
         tb = self.logger.experiment
         images = denormalize(x, self.mean, self.std)
         tb.add_image("inputs", make_grid(images, nrow=len(x)), self.current_epoch)
-        feats = self.model.feature_maps(x).float()  # (B, 1024, h, w)
+        feats = self.model.feature_maps(xm).float()  # (B, 1024, h, w)
         top = top_feature_channels(feats, k=8)  # (B, 8): the most active channels per image
         maps = torch.stack([feats[i, top[i]] for i in range(len(x))])  # (B, 8, h, w)
         maps = _per_map_01(F.interpolate(maps, size=x.shape[-2:], mode="nearest"))
         tb.add_image("feature_maps", make_grid(maps.flatten(0, 1).unsqueeze(1), nrow=8), self.current_epoch)
         if hasattr(self.model, "attention_maps") and getattr(self.model, "layers", None):
-            attn = self.model.attention_maps(x)[-1].float()  # (B, heads, 1+N, 1+N), last layer
+            attn = self.model.attention_maps(xm)[-1].float()  # (B, heads, 1+N, 1+N), last layer
             h = w = feats.shape[-1]
             cls = attn[:, :, 0, 1:].reshape(len(x), -1, h, w)  # class token -> spatial tokens
             cls = _per_map_01(F.interpolate(cls, size=x.shape[-2:], mode="bilinear", align_corners=False))

@@ -1045,3 +1045,14 @@ def test_split_seed_fixes_the_validation_split_whatever_the_seed(tmp_path):
     assert val(seed=42, split_seed=1) == val(seed=1)
     with pytest.raises(ConfigError, match="split_seed"):
         _cfg(root, tmp_path / "o", split_seed=-2).validate()
+
+
+def test_true_bf16_run_logs_its_image_panels(tiny_data, tmp_path):
+    # under bf16-true Lightning casts the weights to bf16: the panels' fp32 images must follow them
+    out = tmp_path / "bf16"
+    train(_cfg(tiny_data, out, precision="bf16-true", log_images_every=1, epochs=1), evaluate=False)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"inputs", "feature_maps"} <= set(events.Tags()["images"])
