@@ -238,8 +238,8 @@ class Config:
     strategy: str = "auto"
     """Lightning strategy: 'auto', 'ddp', 'ddp_spawn', 'fsdp', ..."""
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed", "bf16-true"] = "auto"
-    """'auto' (bf16-mixed where the CPU or GPU supports it, else 32), '32', 'bf16-mixed', '16-mixed',
-    'bf16-true'."""
+    """'auto' (bf16-mixed where the CPU or GPU computes bf16 natively; 16-mixed on a GPU without it,
+    e.g. V100 or T4; else 32), '32', 'bf16-mixed', '16-mixed', 'bf16-true'."""
     channels_last: bool = True
     """Channels-last memory format for the backbone (faster convolutions on most hardware)."""
     compile: bool = False

@@ -38,8 +38,8 @@ def resolve_precision(precision: str = "auto", accelerator: str = "auto") -> str
     if precision != "auto":
         return precision
     acc = resolve_accelerator(accelerator)
-    if acc in ("gpu", "cuda"):
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if acc in ("gpu", "cuda"):  # native bf16 (Ampere on): a V100 or T4 emulates it, slowly, so fp16 there
+        return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
     if acc == "cpu" and cpu_supports_bf16():
         return "bf16-mixed"
     return "32"

@@ -144,3 +144,17 @@ def test_literal_coercion():
 def test_validate_checks_enumerations_of_a_directly_built_config():
     with pytest.raises(ConfigError, match="intensity must be one of stretch, equalize, got 'gamma'"):
         Config(intensity="gamma").validate()
+
+
+def test_auto_precision_on_a_gpu_without_native_bf16_is_fp16(monkeypatch):
+    # a V100 or T4 reports bf16 as supported by emulation (torch's default), which is slow: fp16 there
+    import torch
+
+    from chexformer.runtime import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_precision("auto") == "16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere on
+    assert resolve_precision("auto") == "bf16-mixed"
+    assert resolve_precision("32") == "32"
