@@ -235,8 +235,12 @@ class Config:
     """Lightning devices: 'auto', a count ('2') or a comma-separated list of indices ('0,1')."""
     num_nodes: int = 1
     """Machines taking part in distributed training."""
-    strategy: str = "auto"
-    """Lightning strategy: 'auto', 'ddp', 'ddp_spawn', 'fsdp', ..."""
+    strategy: Literal["auto", "ddp"] = "auto"
+    """Lightning strategy: 'auto' (several devices: DDP) or 'ddp' (one process per device, started by
+    Lightning, torchrun or srun). Not offered: 'ddp_spawn' / 'ddp_fork' / 'ddp_notebook' train in
+    child processes and hand back only the weights, so the saved run would lose its threshold,
+    calibration and validation predictions; FSDP and DeepSpeed shard a model this size does not
+    need sharded and are untested here."""
     precision: Literal["auto", "32", "bf16-mixed", "16-mixed", "bf16-true"] = "auto"
     """'auto' (bf16-mixed where the CPU or GPU computes bf16 natively; 16-mixed on a GPU without it,
     e.g. V100 or T4; else 32), '32', 'bf16-mixed', '16-mixed', 'bf16-true'."""

@@ -66,6 +66,7 @@ def test_command_line_overrides_yaml(tmp_path):
         ({"swa_epochs": 3, "epochs": 2, "checkpoint_selection": "last"}, "swa_epochs"),
         ({"swa_epochs": 1, "ema_decay": 0.99, "checkpoint_selection": "last"}, "swa_epochs and ema_decay"),
         ({"swa_epochs": 1, "checkpoint_selection": "val_loss"}, "fixed budget"),
+        ({"strategy": "ddp_spawn"}, "strategy: expected one of auto, ddp"),
     ],
 )
 def test_validation_errors(changes, message):
