@@ -269,6 +269,13 @@ def fit(trainer: L.Trainer, module: ChexFormerModule, dm: XrayDataModule, run: R
             log.info("resuming from %s", run.last)
         else:
             log.warning("--resume: no %s yet, starting from the beginning", run.last)
+    if trainer.world_size > 1 and trainer.is_global_zero:
+        cfg = module.cfg  # the learning rate and schedule are the config's, measured on one device
+        (log.warning if cfg.devices == "auto" else log.info)(
+            "data-parallel training on %d processes (devices=%s, num_nodes=%d): a step averages %d x %d = %d images "
+            "at init_lr=%g, the rate configured for one device's batch of %d, and an epoch has %dx fewer steps",
+            trainer.world_size, cfg.devices, cfg.num_nodes, trainer.world_size, cfg.batch_size,
+            trainer.world_size * cfg.batch_size, cfg.init_lr, cfg.batch_size, trainer.world_size)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     trainer.save_checkpoint(run.final)
 

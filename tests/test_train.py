@@ -435,6 +435,7 @@ def test_two_process_ddp_ranks_agree(tiny_data, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert log.count("final_anneal_epochs=1: epoch 2 is projected to be 1 from the end") == 2  # once per rank
+    assert log.count("data-parallel training on 2 processes (devices=2, num_nodes=1): a step averages 2 x 8 = 16") == 1
     assert [float(r["lr"]) for r in read_history(out / "history.csv")] == [1e-4, 1e-4 * 0.3]
 
 
