@@ -278,6 +278,35 @@ def warn_resume_after_budget_anneal(state: dict) -> None:
                     "uninterrupted", epoch + 1, epoch + left, epoch + planned)
 
 
+def _seed_generators(seed: int) -> None:
+    """Seed torch (every device), NumPy and Python's generators, leaving Lightning's environment alone."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _generator_state() -> dict:
+    """This process's random generators, as tensors and plain numbers only (NumPy's key array as a
+    tensor): checkpoints are read with ``torch.load(weights_only=True)``, and Lightning's own
+    rng-state helpers store NumPy arrays."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()  # this rank's device
+    return state
+
+
+def _set_generator_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 class ResumeState(Callback):
     """What a Lightning checkpoint lacks for ``--resume`` to retrace the uninterrupted run.
 
@@ -293,41 +322,58 @@ class ResumeState(Callback):
        scheduler that is one step behind the epoch is stepped once in ``on_train_start``.
 
     Exact with ``num_workers: 0`` (the recipe): persistent loader workers keep generators of their
-    own, which are not saved. Under DDP every rank continues from rank zero's generators. A
-    checkpoint written before this callback existed resumes with a warning."""
+    own, which are not saved. A checkpoint written before this callback existed resumes with a
+    warning.
 
-    def __init__(self) -> None:
+    Under DDP, with ``seed``, rank k > 0 reseeds its generators with ``seed + k`` at setup (rank
+    zero keeps ``seed``): every rank is seeded alike at start-up, and with ``num_workers: 0`` its
+    augmentation and dropout draw in the main process, so without this each rank would draw the same
+    crops, flips and masks for its different images. (Lightning's worker seeding does this for loader
+    workers; the weights stay identical, as DDP starts every rank from rank zero's.) Checkpoints then
+    keep every rank's generators (``ranks``), and each rank resumes from its own."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
         self._trainer = None
         self._loaded = False
         self._metrics: dict[str, float] = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._trainer = trainer
+        if self.seed is not None and trainer.world_size > 1 and trainer.global_rank > 0:
+            _seed_generators(self.seed + trainer.global_rank)
 
     def state_dict(self) -> dict:
-        # tensors and plain numbers only (NumPy's key array as a tensor): checkpoints are read with
-        # torch.load(weights_only=True), and Lightning's own rng-state helpers store NumPy arrays
-        name, keys, pos, has_gauss, gauss = np.random.get_state()
-        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-                 "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                           "has_gauss": int(has_gauss), "gauss": float(gauss)},
-                 "scheduler_metrics": {}}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            state["cuda"] = torch.cuda.get_rng_state()  # this rank's device
-        if self._trainer is not None:
-            metrics = self._trainer.callback_metrics
-            for config in self._trainer.lr_scheduler_configs:
+        state = _generator_state()
+        state["scheduler_metrics"] = {}
+        trainer = self._trainer
+        if trainer is not None:
+            metrics = trainer.callback_metrics
+            for config in trainer.lr_scheduler_configs:
                 if config.reduce_on_plateau and config.monitor in metrics:
                     state["scheduler_metrics"][config.monitor] = float(metrics[config.monitor])
+            # every rank dumps each checkpoint (rank zero writes it): all of them take part in the gather
+            if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+                ranks = [None] * trainer.world_size
+                torch.distributed.all_gather_object(ranks, _generator_state())
+                state["ranks"] = ranks
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        torch.set_rng_state(state_dict["torch"])
-        random.setstate(state_dict["python"])
-        n = state_dict["numpy"]
-        np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-        if "cuda" in state_dict and torch.cuda.is_available():
-            torch.cuda.set_rng_state(state_dict["cuda"])
+        trainer = self._trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        ranks = state_dict.get("ranks")
+        if ranks and len(ranks) == world:
+            _set_generator_state(ranks[rank])
+        else:
+            if world > 1 or ranks:
+                if rank == 0:
+                    log.warning("the checkpoint holds random generator states for %d process(es), this run has %d: "
+                                "rank zero continues from the saved one%s, so the continued run does not retrace the "
+                                "saved one exactly", len(ranks or [0]), world,
+                                ", the other ranks from their own seeds" if world > 1 else "")
+            if rank == 0:
+                _set_generator_state(state_dict)
         self._metrics = dict(state_dict.get("scheduler_metrics", {}))
         self._loaded = True
 

@@ -227,7 +227,7 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
         *(c for c in (budget, anneal) if c is not None),
         LearningRateMonitor(logging_interval="epoch"),
         RankAgreement(),
-        ResumeState(),
+        ResumeState(seed=cfg.seed),
     ]
     if by_loss:
         callbacks.append(EarlyStopping(monitor="val_loss", mode="min", patience=cfg.patience))

@@ -405,6 +405,36 @@ def test_extending_a_cosine_run_warns_that_the_curve_changes(tiny_data, tmp_path
         in caplog.text
 
 
+def test_resume_state_gives_each_rank_its_own_generators(caplog):
+    from types import SimpleNamespace
+
+    from chexformer.callbacks import ResumeState, _generator_state
+
+    def saved_by(seed):
+        torch.manual_seed(seed)
+        return _generator_state()
+
+    ranks = [saved_by(0), saved_by(1)]
+    checkpoint = {**ranks[0], "scheduler_metrics": {}, "ranks": ranks}
+    for rank in (0, 1):  # a two-rank run resumed on two ranks: each continues from its own state
+        state = ResumeState(seed=0)
+        state.setup(SimpleNamespace(world_size=2, global_rank=rank), None, "fit")
+        state.load_state_dict(checkpoint)
+        assert torch.equal(torch.get_rng_state(), ranks[rank]["torch"])
+    # a one-device checkpoint resumed on two ranks: rank 1 keeps its own seed (seed + 1), not rank zero's
+    state = ResumeState(seed=7)
+    state.setup(SimpleNamespace(world_size=2, global_rank=1), None, "fit")
+    state.load_state_dict({**ranks[0], "scheduler_metrics": {}})
+    assert torch.equal(torch.get_rng_state(), saved_by(8)["torch"])
+    # and rank zero says that the continued run cannot retrace the saved one
+    with caplog.at_level("WARNING", logger="chexformer.callbacks"):
+        state = ResumeState(seed=7)
+        state.setup(SimpleNamespace(world_size=2, global_rank=0), None, "fit")
+        state.load_state_dict({**ranks[1], "scheduler_metrics": {}})
+    assert torch.equal(torch.get_rng_state(), ranks[1]["torch"])
+    assert "generator states for 1 process(es), this run has 2" in caplog.text
+
+
 def test_resume_from_a_checkpoint_without_generator_state_warns(tiny_data, tmp_path, caplog):
     out = tmp_path / "run"
     train(_cfg(tiny_data, out, epochs=1), evaluate=False)
@@ -436,6 +466,11 @@ def test_two_process_ddp_ranks_agree(tiny_data, tmp_path):
     assert summary["world_size"] == 2
     assert log.count("final_anneal_epochs=1: epoch 2 is projected to be 1 from the end") == 2  # once per rank
     assert log.count("data-parallel training on 2 processes (devices=2, num_nodes=1): a step averages 2 x 8 = 16") == 1
+    # each rank drew its own augmentation and dropout (rank 1 from seed + 1), and the checkpoint keeps
+    # both ranks' generators for a resume (with one seed for all, the two states would be equal)
+    ranks = read_checkpoint_file(out / "checkpoints" / "last.ckpt")["callbacks"]["ResumeState"]["ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+    assert ranks[0]["python"] != ranks[1]["python"]
     assert [float(r["lr"]) for r in read_history(out / "history.csv")] == [1e-4, 1e-4 * 0.3]
 
 
