@@ -474,7 +474,22 @@ def test_two_process_ddp_ranks_agree(tiny_data, tmp_path):
     assert [float(r["lr"]) for r in read_history(out / "history.csv")] == [1e-4, 1e-4 * 0.3]
 
 
-@pytest.mark.xdist_group("ddp")  # one worker runs both, one after the other (ports, cores)
+@pytest.mark.xdist_group("ddp")  # one worker runs them, one after the other (ports, cores)
+def test_two_process_ddp_resume_retraces_the_uninterrupted_run(tiny_data, tmp_path):
+    # each rank resumes from its own generators (rank 1's differ from rank zero's): the continued
+    # run draws what the uninterrupted one drew, on both ranks
+    ddp = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--lr-patience", "0"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    for args in (_train_args(tiny_data, whole, 2) + ddp, _train_args(tiny_data, part, 1) + ddp,
+                 _train_args(tiny_data, part, 2) + ddp + ["--resume"]):
+        proc = _cli(*args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        log = proc.communicate(timeout=600)[0].decode()
+        assert proc.returncode == 0, log[-3000:]
+    assert "random generator states for" not in log
+    _assert_same_run(part, whole)
+
+
+@pytest.mark.xdist_group("ddp")  # one worker runs them, one after the other (ports, cores)
 def test_two_process_ddp_builds_the_feature_cache_on_each_rank(tiny_data, tmp_path):
     out = tmp_path / "ddp_cache"
     args = _train_args(tiny_data, out, 1) + ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
