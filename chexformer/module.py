@@ -153,9 +153,10 @@ class ChexFormerModule(L.LightningModule):
         x, y, idx = batch
         logits = self._logits(x).float()
         loss = self._loss(logits, y)
-        bs = y.shape[0]
-        self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
-        self.log("val_acc", self._accuracy(logits, y), on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+        if self.trainer.world_size == 1:  # under DDP from the gathered predictions (on_validation_epoch_end)
+            bs = y.shape[0]
+            self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+            self.log("val_acc", self._accuracy(logits, y), on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
         self._val_out.append((logits.detach(), y.detach(), idx.detach()))
 
     def on_validation_epoch_start(self) -> None:
@@ -172,6 +173,10 @@ class ChexFormerModule(L.LightningModule):
             logits, labels, index = (self.all_gather(t).flatten(0, 1) for t in (logits, labels, index))
             order = np.unique(index.cpu().numpy(), return_index=True)[1]
             logits, labels = logits[order], labels[order]
+            # the loss and accuracy of each image once: the distributed sampler pads a rank's share with
+            # repeats, which an average of the ranks' own means would count twice (all ranks log the same)
+            self.log("val_loss", self._loss(logits, labels), prog_bar=True, sync_dist=False)
+            self.log("val_acc", self._accuracy(logits, labels), prog_bar=True, sync_dist=False)
         auc = self._fit_threshold(logits.cpu(), labels.cpu())
         if not self.trainer.sanity_checking:
             self.validated_epoch = int(self.current_epoch)

@@ -450,11 +450,16 @@ def test_resume_from_a_checkpoint_without_generator_state_warns(tiny_data, tmp_p
 
 @pytest.mark.xdist_group("ddp")  # one worker runs both, one after the other (ports, cores)
 def test_two_process_ddp_ranks_agree(tiny_data, tmp_path):
-    out = tmp_path / "ddp"
+    import shutil
+
+    out, data = tmp_path / "ddp", tmp_path / "data"
+    shutil.copytree(tiny_data, data)  # one image fewer and a 0.3 split: 7 validation images, an odd count
+    (data / "train" / "NORMAL" / "IM-1006-0001.png").unlink()
     # the recipe's budget and final anneal ride along: the anneal gathers every rank's forecast of the end
     # (a budget this long forecasts the configured end), so the ranks cap the last epoch alike
-    args = _train_args(tiny_data, out, 2) + ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
-                                              "--epoch-budget-minutes", "600", "--final-anneal-epochs", "1"]
+    args = _train_args(data, out, 2) + ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+                                         "--epoch-budget-minutes", "600", "--final-anneal-epochs", "1",
+                                         "--class-weighting", "none", "--validation-split", "0.3"]
     proc = _cli(*args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     log = proc.communicate(timeout=600)[0].decode()
     assert proc.returncode == 0, log[-3000:]
@@ -466,6 +471,12 @@ def test_two_process_ddp_ranks_agree(tiny_data, tmp_path):
     assert summary["world_size"] == 2
     assert log.count("final_anneal_epochs=1: epoch 2 is projected to be 1 from the end") == 2  # once per rank
     assert log.count("data-parallel training on 2 processes (devices=2, num_nodes=1): a step averages 2 x 8 = 16") == 1
+    # validation loss counts each image once, though the sampler pads an odd count with a repeat
+    meta = read_checkpoint_file(out / "checkpoints" / "last.ckpt")["chexformer"]["extra"]["val_predictions"]
+    assert len(meta["labels"]) == 7
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(meta["logits"]),
+                                                                torch.tensor(meta["labels"]).float())
+    assert float(read_history(out / "history.csv")[-1]["val_loss"]) == pytest.approx(float(loss), rel=1e-5)
     # each rank drew its own augmentation and dropout (rank 1 from seed + 1), and the checkpoint keeps
     # both ranks' generators for a resume (with one seed for all, the two states would be equal)
     ranks = read_checkpoint_file(out / "checkpoints" / "last.ckpt")["callbacks"]["ResumeState"]["ranks"]
