@@ -97,6 +97,11 @@ class ChexFormerModule(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
+    @property
+    def _distributed(self) -> bool:
+        """Training with several processes (a step called outside a Trainer, as in tests, is not)."""
+        return self._trainer is not None and self._trainer.world_size > 1
+
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         if self.binary:
@@ -121,8 +126,10 @@ class ChexFormerModule(L.LightningModule):
             logits = self._logits(x)
             loss = self._loss(logits, y)
         bs = y.shape[0]
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
-        self.log("train_acc", self._accuracy(logits, y), on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        if not self._distributed:  # under DDP from every rank's outputs (on_train_epoch_end)
+            self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
+            self.log("train_acc", self._accuracy(logits, y), on_step=False, on_epoch=True, batch_size=bs,
+                     sync_dist=True)
         self._train_out.append((logits.detach().float(), y.detach(), loss.detach().float() * bs))
         return loss
 
@@ -135,13 +142,23 @@ class ChexFormerModule(L.LightningModule):
         in :attr:`epoch_train_metrics` for the history; AUC is also logged."""
         if not self._train_out:
             return
-        logits = torch.cat([o[0] for o in self._train_out]).cpu()
-        y = torch.cat([o[1] for o in self._train_out]).cpu()
-        loss = float(sum(o[2] for o in self._train_out)) / len(y)
+        logits = torch.cat([o[0] for o in self._train_out])
+        y = torch.cat([o[1] for o in self._train_out])
+        loss_sum = sum(o[2] for o in self._train_out)  # in this order: the history's digits stay those on record
         self._train_out = []
+        distributed = self._distributed
+        if distributed:  # every rank's share (the distributed sampler gives each as many)
+            logits, y = (self.all_gather(t).flatten(0, 1) for t in (logits, y))
+            loss_sum = self.all_gather(loss_sum).sum()
+        logits, y = logits.cpu(), y.cpu()
+        loss = float(loss_sum) / len(y)
         self.epoch_train_metrics = {"train_loss": loss,
                                     "train_acc": float(self._accuracy(logits, y)),
                                     "train_auc": float("nan")}
+        if distributed:  # the same on every rank: no sync_dist, whose reduce Lightning runs lazily, when a
+            # metric is first read, and its rank-zero-only progress bar reads them before this hook runs
+            self.log("train_loss", loss, prog_bar=True, sync_dist=False)
+            self.log("train_acc", self.epoch_train_metrics["train_acc"], sync_dist=False)
         y = y.numpy()
         if len(np.unique(y)) < 2:
             return
@@ -153,7 +170,7 @@ class ChexFormerModule(L.LightningModule):
         x, y, idx = batch
         logits = self._logits(x).float()
         loss = self._loss(logits, y)
-        if self.trainer.world_size == 1:  # under DDP from the gathered predictions (on_validation_epoch_end)
+        if not self._distributed:  # under DDP from the gathered predictions (on_validation_epoch_end)
             bs = y.shape[0]
             self.log("val_loss", loss, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
             self.log("val_acc", self._accuracy(logits, y), on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)
@@ -169,12 +186,13 @@ class ChexFormerModule(L.LightningModule):
         labels = torch.cat([o[1] for o in self._val_out])
         index = torch.cat([o[2] for o in self._val_out])
         self._val_out = []
-        if self.trainer.world_size > 1:  # every rank sees every prediction once
+        if self._distributed:  # every rank sees every prediction once
             logits, labels, index = (self.all_gather(t).flatten(0, 1) for t in (logits, labels, index))
             order = np.unique(index.cpu().numpy(), return_index=True)[1]
             logits, labels = logits[order], labels[order]
             # the loss and accuracy of each image once: the distributed sampler pads a rank's share with
-            # repeats, which an average of the ranks' own means would count twice (all ranks log the same)
+            # repeats, which an average of the ranks' own means would count twice (all ranks log the same,
+            # so no sync_dist: see on_train_epoch_end)
             self.log("val_loss", self._loss(logits, labels), prog_bar=True, sync_dist=False)
             self.log("val_acc", self._accuracy(logits, labels), prog_bar=True, sync_dist=False)
         auc = self._fit_threshold(logits.cpu(), labels.cpu())

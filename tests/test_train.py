@@ -459,7 +459,7 @@ def test_two_process_ddp_ranks_agree(tiny_data, tmp_path):
     # (a budget this long forecasts the configured end), so the ranks cap the last epoch alike
     args = _train_args(data, out, 2) + ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
                                          "--epoch-budget-minutes", "600", "--final-anneal-epochs", "1",
-                                         "--class-weighting", "none", "--validation-split", "0.3"]
+                                         "--class-weighting", "none", "--validation-split", "0.3", "--logger", "csv"]
     proc = _cli(*args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     log = proc.communicate(timeout=600)[0].decode()
     assert proc.returncode == 0, log[-3000:]
@@ -477,6 +477,11 @@ def test_two_process_ddp_ranks_agree(tiny_data, tmp_path):
     loss = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor(meta["logits"]),
                                                                 torch.tensor(meta["labels"]).float())
     assert float(read_history(out / "history.csv")[-1]["val_loss"]) == pytest.approx(float(loss), rel=1e-5)
+    # the history's training columns are every rank's, as the loss Lightning logs across ranks is
+    import csv
+
+    logged = [float(r["train_loss"]) for r in csv.DictReader(open(out / "csv" / "metrics.csv")) if r["train_loss"]]
+    assert [float(r["train_loss"]) for r in read_history(out / "history.csv")] == pytest.approx(logged, rel=1e-5)
     # each rank drew its own augmentation and dropout (rank 1 from seed + 1), and the checkpoint keeps
     # both ranks' generators for a resume (with one seed for all, the two states would be equal)
     ranks = read_checkpoint_file(out / "checkpoints" / "last.ckpt")["callbacks"]["ResumeState"]["ranks"]
