@@ -18,6 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torchvision.utils import make_grid
@@ -253,11 +254,15 @@ class ChexFormerModule(L.LightningModule):
         if not self._log_grads or not isinstance(self.logger, TensorBoardLogger):
             return
         self._log_grads = False
+        # under 16-mixed a fused optimizer unscales inside its own step, so Lightning hands this hook the
+        # loss-scaled gradients (other optimizers are unscaled before it)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and _optimizer_handles_unscaling(optimizer) else 1.0
         parts: dict[str, list[torch.Tensor]] = {}
         for name, p in self.model.named_parameters():
             if p.grad is not None:
                 key = ".".join(name.split(".")[:2]) if name.startswith(("backbone.", "layers.")) else name.split(".")[0]
-                parts.setdefault(key, []).append(p.grad.detach().flatten().float())
+                parts.setdefault(key, []).append(p.grad.detach().flatten().float() / scale)
         for key, grads in parts.items():
             self.logger.experiment.add_histogram(f"gradients/{key}", torch.cat(grads).cpu(), self.current_epoch)
 

@@ -1123,3 +1123,30 @@ def test_true_bf16_run_logs_its_image_panels(tiny_data, tmp_path):
     events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
     events.Reload()
     assert {"inputs", "feature_maps"} <= set(events.Tags()["images"])
+
+
+
+def test_gradient_histograms_are_unscaled_under_a_loss_scaler(tmp_path, monkeypatch):
+    # 16-mixed (a GPU; Lightning turns it into bf16 on a CPU) scales the loss, and the fused AdamW
+    # unscales inside its own step, after the hook that logs the histograms: they must show the gradients
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from chexformer.model import build_model
+    from chexformer.module import ChexFormerModule
+
+    logged = {}
+    monkeypatch.setattr(TensorBoardLogger, "experiment", property(lambda self: SimpleNamespace(
+        add_histogram=lambda tag, values, step: logged.__setitem__(tag, values))))
+    cfg = Config(**TINY)
+    module = ChexFormerModule(cfg, ["NORMAL", "PNEUMONIA"], build_model(cfg, num_classes=2))
+    for p in module.model.parameters():
+        p.grad = torch.full_like(p, 0.5 * 1024)  # the gradient 0.5, scaled by 1,024
+    optimizer = torch.optim.AdamW(module.model.parameters(), fused=True)
+    module._trainer = SimpleNamespace(logger=TensorBoardLogger(tmp_path), current_epoch=0, loggers=[],
+                                      precision_plugin=SimpleNamespace(
+                                          scaler=torch.amp.GradScaler("cpu", init_scale=1024.0)))
+    module._log_grads = True
+    module.on_before_optimizer_step(optimizer)
+    assert logged and all(torch.equal(v, torch.full_like(v, 0.5)) for v in logged.values())
