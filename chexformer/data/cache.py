@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -145,7 +147,8 @@ class FeatureCache:
                  features.numel() * features.element_size() / 2**20)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            # unique per process on any host: the ranks of a multi-node run may share the folder
+            tmp = path.with_suffix(f".tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             torch.save({"views": views, "features": features}, tmp)
             os.replace(tmp, path)  # atomic: a kill never leaves a torn cache file
         return cls(features, views)
