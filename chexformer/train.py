@@ -102,6 +102,7 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
     Returns the run summary (also written to ``OUT/summary.json``)."""
     start = time.perf_counter()
     run = RunFolder(Path(cfg.out_dir))
+    not_rank_zero_on_other_nodes()
     refuse_to_overwrite(run, resume)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_data(cfg)
@@ -141,6 +142,19 @@ def build_data(cfg: Config) -> XrayDataModule:
     dm = XrayDataModule(cfg)
     dm.scan()
     return dm
+
+
+def not_rank_zero_on_other_nodes() -> None:
+    """Lightning reads a process's rank from the launcher's environment at import (``RANK``,
+    ``LOCAL_RANK``, ``SLURM_PROCID``, ...) and sets it exactly only when the Trainer is built. Under
+    Lightning's own launcher on several nodes, the first process of node k > 0 has only
+    ``NODE_RANK``, so until then it would act as rank zero: write ``config.yaml``, ``split.csv`` and
+    a TensorBoard event file beside node 0's. Mark it not rank zero (the Trainer sets the exact rank)."""
+    from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+
+    node = int(os.environ.get("NODE_RANK") or 0)
+    if node > 0 and rank_zero_only.rank == 0:
+        rank_zero_only.rank = utils_rank_zero_only.rank = node
 
 
 def prepare_run_folder(run: RunFolder, cfg: Config, dm: XrayDataModule) -> None:

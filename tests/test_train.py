@@ -1150,3 +1150,23 @@ def test_gradient_histograms_are_unscaled_under_a_loss_scaler(tmp_path, monkeypa
     module._log_grads = True
     module.on_before_optimizer_step(optimizer)
     assert logged and all(torch.equal(v, torch.full_like(v, 0.5)) for v in logged.values())
+
+
+def test_the_first_process_of_another_node_is_not_rank_zero_before_the_trainer(tiny_data, tmp_path, monkeypatch):
+    # Lightning's own launcher on node 1: only NODE_RANK says so until the Trainer sets the rank
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+
+    from chexformer.train import RunFolder, build_data, not_rank_zero_on_other_nodes, prepare_run_folder
+
+    monkeypatch.setattr(rank_zero_only, "rank", 0)
+    monkeypatch.setattr(utils_rank_zero_only, "rank", 0)
+    monkeypatch.delenv("NODE_RANK", raising=False)
+    not_rank_zero_on_other_nodes()
+    assert rank_zero_only.rank == 0  # one node: unchanged
+    monkeypatch.setenv("NODE_RANK", "1")
+    not_rank_zero_on_other_nodes()
+    assert rank_zero_only.rank != 0 and utils_rank_zero_only.rank != 0
+    cfg = _cfg(tiny_data, tmp_path / "node1")
+    prepare_run_folder(RunFolder(tmp_path / "node1"), cfg, build_data(cfg))
+    assert not (tmp_path / "node1" / "config.yaml").exists()  # node 0 writes it
