@@ -148,7 +148,7 @@ class FeatureCache:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             # unique per process on any host: the ranks of a multi-node run may share the folder
-            tmp = path.with_suffix(f".tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            tmp = path.parent / f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             torch.save({"views": views, "features": features}, tmp)
             os.replace(tmp, path)  # atomic: a kill never leaves a torn cache file
         return cls(features, views)
