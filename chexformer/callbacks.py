@@ -340,6 +340,16 @@ class ResumeState(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._trainer = trainer
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # a node that cannot see the checkpoint would start afresh while the others resume, and the
+            # ranks would then wait on each other's collectives: every rank stops here instead
+            resuming = [None] * trainer.world_size
+            torch.distributed.all_gather_object(resuming, bool(trainer.ckpt_path))
+            if len(set(resuming)) > 1:
+                raise RuntimeError(
+                    f"--resume: ranks {[r for r, x in enumerate(resuming) if x]} found the checkpoint to resume from "
+                    f"and ranks {[r for r, x in enumerate(resuming) if not x]} did not: put --out-dir on storage that "
+                    "every node sees")
         if self.seed is not None and trainer.world_size > 1 and trainer.global_rank > 0:
             _seed_generators(self.seed + trainer.global_rank)
 

@@ -435,6 +435,23 @@ def test_resume_state_gives_each_rank_its_own_generators(caplog):
     assert "generator states for 1 process(es), this run has 2" in caplog.text
 
 
+def test_ranks_that_disagree_on_resuming_stop_at_setup(monkeypatch):
+    # a node that cannot see last.ckpt (a run folder not shared across nodes) would start afresh while
+    # the others resume, and the ranks would hang on each other's collectives
+    from types import SimpleNamespace
+
+    from chexformer.callbacks import ResumeState
+
+    def gather(out, flag):
+        out[:] = [True, flag]  # rank 0 found the checkpoint; this rank (1) reports its own
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", gather)
+    with pytest.raises(RuntimeError, match=r"ranks \[0\] found the checkpoint .* and ranks \[1\] did not"):
+        ResumeState(seed=0).setup(SimpleNamespace(world_size=2, global_rank=1, ckpt_path=None), None, "fit")
+    ResumeState(seed=0).setup(SimpleNamespace(world_size=2, global_rank=1, ckpt_path="last.ckpt"), None, "fit")
+
+
 def test_resume_from_a_checkpoint_without_generator_state_warns(tiny_data, tmp_path, caplog):
     out = tmp_path / "run"
     train(_cfg(tiny_data, out, epochs=1), evaluate=False)
