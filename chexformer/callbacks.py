@@ -201,7 +201,10 @@ class FinalAnneal(Callback):
     settled. A cap only lowers a rate (a schedule already below it is left alone) and is applied
     before every step, so a per-step schedule cannot undo it; Li et al. (ICLR 2020, "Budgeted
     training") measured that a schedule which decays by the budget's end is what a short budget
-    needs. ``starts`` and ``floors`` map parameter-group names to their starting rate and floor."""
+    needs. ``starts`` and ``floors`` map parameter-group names to their starting rate and floor.
+
+    With ``epochs`` 0 it caps nothing, and still says when a resumed checkpoint's epoch was
+    annealed (the trainer always carries it, so a resume that turns the anneal off is covered)."""
 
     def __init__(self, epochs: int, factor: float, starts: dict[str, float], floors: dict[str, float],
                  budget: EpochBudget | None = None) -> None:
@@ -226,8 +229,9 @@ class FinalAnneal(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch
         left = trainer.max_epochs - epoch
-        if self.budget is not None:  # the earliest end any rank forecasts (any rank's vote stops the run): one rate
-            # on the module's device: an NCCL process group gathers CUDA tensors only
+        if self.epochs and self.budget is not None:
+            # the earliest end any rank forecasts (any rank's vote stops the run): one rate; gathered on
+            # the module's device, as an NCCL process group gathers CUDA tensors only
             forecast = torch.tensor(self.budget.epochs_left(epoch, trainer.max_epochs), device=pl_module.device)
             left = int(trainer.strategy.all_gather(forecast).min())
         level = self.epochs - left + 1
@@ -250,10 +254,18 @@ class FinalAnneal(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         """A resumed run whose saved epoch was annealed for an end the budget forecast (not the
-        configured one) says so (:func:`warn_resume_after_budget_anneal`); where the resumed config
-        turns the anneal off, the module says it instead."""
-        if trainer.ckpt_path and self._resumed and trainer.is_global_zero:
-            warn_resume_after_budget_anneal(self._resumed)
+        configured one) cannot retrace the run, and says so: the budget's clock does not carry over a
+        resume, and the rates the anneal lowered are not re-derived (a plateau schedule continues
+        from them)."""
+        state = self._resumed
+        if not (trainer.ckpt_path and state.get("capped") and trainer.is_global_zero):
+            return
+        epoch, left, planned = state["epoch"], state["left"], state["planned"]
+        if left < planned:
+            log.warning("resuming a run whose epoch %d trained under the final anneal for an end the epoch budget "
+                        "forecast (epoch %d of %d): the budget's clock does not carry over a resume and the rates the "
+                        "anneal lowered are not re-derived, so the continued run is not the run this config trains "
+                        "uninterrupted", epoch + 1, epoch + left, epoch + planned)
 
     def _apply(self, trainer) -> None:
         for optimizer in trainer.optimizers:
@@ -263,19 +275,14 @@ class FinalAnneal(Callback):
                     group["lr"] = cap
 
 
-def warn_resume_after_budget_anneal(state: dict) -> None:
-    """Warn when a checkpoint's :class:`FinalAnneal` state (``state``, as it saves it) says that
-    its epoch was annealed for an end the epoch budget forecast rather than the configured one: a
-    resume cannot retrace such a run, because the budget's clock does not carry over a resume and
-    the rates the anneal lowered are not re-derived (a plateau schedule continues from them)."""
-    if not state or not state.get("capped"):
-        return
-    epoch, left, planned = (int(state[k]) for k in ("epoch", "left", "planned"))
-    if left < planned:
-        log.warning("resuming a run whose epoch %d trained under the final anneal for an end the epoch budget "
-                    "forecast (epoch %d of %d): the budget's clock does not carry over a resume and the rates the "
-                    "anneal lowered are not re-derived, so the continued run is not the run this config trains "
-                    "uninterrupted", epoch + 1, epoch + left, epoch + planned)
+def _from_every_rank(trainer, make) -> list | None:
+    """``make()`` of every rank, in rank order (a collective: every rank must call it), or None
+    (without calling ``make``) with one process."""
+    if trainer.world_size < 2 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    gathered = [None] * trainer.world_size
+    torch.distributed.all_gather_object(gathered, make())
+    return gathered
 
 
 def _seed_generators(seed: int) -> None:
@@ -340,16 +347,14 @@ class ResumeState(Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._trainer = trainer
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            # a node that cannot see the checkpoint would start afresh while the others resume, and the
-            # ranks would then wait on each other's collectives: every rank stops here instead
-            resuming = [None] * trainer.world_size
-            torch.distributed.all_gather_object(resuming, bool(trainer.ckpt_path))
-            if len(set(resuming)) > 1:
-                raise RuntimeError(
-                    f"--resume: ranks {[r for r, x in enumerate(resuming) if x]} found the checkpoint to resume from "
-                    f"and ranks {[r for r, x in enumerate(resuming) if not x]} did not: put --out-dir on storage that "
-                    "every node sees")
+        # a node that cannot see the checkpoint would start afresh while the others resume, and the
+        # ranks would then wait on each other's collectives: every rank stops here instead
+        resuming = _from_every_rank(trainer, lambda: bool(trainer.ckpt_path))
+        if resuming is not None and len(set(resuming)) > 1:
+            raise RuntimeError(
+                f"--resume: ranks {[r for r, x in enumerate(resuming) if x]} found the checkpoint to resume from "
+                f"and ranks {[r for r, x in enumerate(resuming) if not x]} did not: put --out-dir on storage that "
+                "every node sees")
         if self.seed is not None and trainer.world_size > 1 and trainer.global_rank > 0:
             _seed_generators(self.seed + trainer.global_rank)
 
@@ -363,9 +368,8 @@ class ResumeState(Callback):
                 if config.reduce_on_plateau and config.monitor in metrics:
                     state["scheduler_metrics"][config.monitor] = float(metrics[config.monitor])
             # every rank dumps each checkpoint (rank zero writes it): all of them take part in the gather
-            if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-                ranks = [None] * trainer.world_size
-                torch.distributed.all_gather_object(ranks, _generator_state())
+            ranks = _from_every_rank(trainer, _generator_state)
+            if ranks is not None:
                 state["ranks"] = ranks
         return state
 
@@ -375,15 +379,13 @@ class ResumeState(Callback):
         ranks = state_dict.get("ranks")
         if ranks and len(ranks) == world:
             _set_generator_state(ranks[rank])
-        else:
+        elif rank == 0:  # the other ranks keep their own seeds
+            _set_generator_state(state_dict)
             if world > 1 or ranks:
-                if rank == 0:
-                    log.warning("the checkpoint holds random generator states for %d process(es), this run has %d: "
-                                "rank zero continues from the saved one%s, so the continued run does not retrace the "
-                                "saved one exactly", len(ranks or [0]), world,
-                                ", the other ranks from their own seeds" if world > 1 else "")
-            if rank == 0:
-                _set_generator_state(state_dict)
+                log.warning("the checkpoint holds random generator states for %d process(es), this run has %d: "
+                            "rank zero continues from the saved one%s, so the continued run does not retrace the "
+                            "saved one exactly", len(ranks or [0]), world,
+                            ", the other ranks from their own seeds" if world > 1 else "")
         self._metrics = dict(state_dict.get("scheduler_metrics", {}))
         self._loaded = True
 

@@ -20,11 +20,9 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torchvision.utils import make_grid
 
 from chexformer import metrics
-from chexformer.callbacks import warn_resume_after_budget_anneal
 from chexformer.checkpoint import IMAGENET_MEAN, IMAGENET_STD, CheckpointMeta
 from chexformer.config import Config
 from chexformer.explain import top_feature_channels
@@ -321,8 +319,6 @@ class ChexFormerModule(L.LightningModule):
             log.warning("resuming a run whose last %d epochs were annealed for an end at epoch %d, with epochs=%d: "
                         "the continued run is not the run this config would train from the start (its rate "
                         "went down for an end that is no longer the end)", annealed, end, self.cfg.epochs)
-        if not self.cfg.final_anneal_epochs and rank_zero_only.rank == 0:  # else the FinalAnneal callback says it
-            warn_resume_after_budget_anneal(checkpoint.get("callbacks", {}).get("FinalAnneal", {}))
 
 
 def _per_map_01(t: torch.Tensor) -> torch.Tensor:

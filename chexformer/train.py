@@ -227,8 +227,8 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
     )
     budget = EpochBudget(cfg.epoch_budget_minutes, reserve=cfg.epoch_budget_reserve) \
         if cfg.epoch_budget_minutes > 0 else None
-    anneal = FinalAnneal(cfg.final_anneal_epochs, cfg.lr_factor, *group_rates(cfg), budget=budget) \
-        if cfg.final_anneal_epochs > 0 else None
+    # always there (inert at 0 epochs): a resume that turns the anneal off still hears about an annealed epoch
+    anneal = FinalAnneal(cfg.final_anneal_epochs, cfg.lr_factor, *group_rates(cfg), budget=budget)
     # Lightning moves Checkpoint subclasses to the end and keeps their order: HistoryCSV goes first,
     # so an epoch's row is on disk before its checkpoints and a kill between the two cannot leave a
     # last.ckpt whose epoch history.csv lacks (a resume would skip that row for good). The budget and
@@ -238,7 +238,7 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
         HistoryCSV(run.history),
         best,
         last,
-        *(c for c in (budget, anneal) if c is not None),
+        *([budget] if budget is not None else []), anneal,
         LearningRateMonitor(logging_interval="epoch"),
         RankAgreement(),
         ResumeState(seed=cfg.seed),
