@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 import time
 import uuid
 from pathlib import Path
@@ -147,8 +146,8 @@ class FeatureCache:
                  features.numel() * features.element_size() / 2**20)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # unique per process on any host: the ranks of a multi-node run may share the folder
-            tmp = path.parent / f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            # unique on any host: the ranks of a multi-node run may share the folder, and pids repeat
+            tmp = path.parent / f"{path.name}.tmp-{uuid.uuid4().hex}"
             torch.save({"views": views, "features": features}, tmp)
             os.replace(tmp, path)  # atomic: a kill never leaves a torn cache file
         return cls(features, views)
