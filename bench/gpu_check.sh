@@ -12,7 +12,8 @@
 # Usage: bash bench/gpu_check.sh [OUT_DIR]   (a Python with PyTorch + CUDA and the package's deps).
 # pydicom is one of them (every image read imports it): the lent H200's image lacks it, so install its
 # wheel there first; the script stops at once without it.
-# Eight files in OUT_DIR. About 8.5 minutes at most; on an H200: demo 76 s, tests 225 s, speed about 90 s.
+# Eight files in OUT_DIR. On an H200: demo 76 s, tests 225 s, speed about 90 s; step 2b (not yet run on a GPU) has
+# a 120-s limit.
 set -uo pipefail
 OUT=$(realpath -m "${1:-${OUT:-runs/gpu_check}}")
 cd "$(dirname "$0")/.."
