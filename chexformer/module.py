@@ -18,7 +18,6 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.fabric.plugins.precision.amp import _optimizer_handles_unscaling
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid
 
@@ -253,9 +252,11 @@ class ChexFormerModule(L.LightningModule):
             return
         self._log_grads = False
         # under 16-mixed a fused optimizer unscales inside its own step, so Lightning hands this hook the
-        # loss-scaled gradients (other optimizers are unscaled before it)
+        # loss-scaled gradients (other optimizers are unscaled before it). `_step_supports_amp_scaling`
+        # is the flag torch's GradScaler.step itself reads to decide this (and Lightning's own check)
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        scale = float(scaler.get_scale()) if scaler is not None and _optimizer_handles_unscaling(optimizer) else 1.0
+        fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+        scale = float(scaler.get_scale()) if scaler is not None and fused else 1.0
         parts: dict[str, list[torch.Tensor]] = {}
         for name, p in self.model.named_parameters():
             if p.grad is not None:

@@ -1186,6 +1186,13 @@ def test_gradient_histograms_are_unscaled_under_a_loss_scaler(tmp_path, monkeypa
     module._log_grads = True
     module.on_before_optimizer_step(optimizer)
     assert logged and all(torch.equal(v, torch.full_like(v, 0.5)) for v in logged.values())
+    # an optimizer without a fused step: Lightning has unscaled its gradients before the hook
+    for p in module.model.parameters():
+        p.grad = torch.full_like(p, 0.5)
+    logged.clear()
+    module._log_grads = True
+    module.on_before_optimizer_step(torch.optim.AdamW(module.model.parameters(), foreach=False))
+    assert logged and all(torch.equal(v, torch.full_like(v, 0.5)) for v in logged.values())
 
 
 def test_the_first_process_of_another_node_is_not_rank_zero_before_the_trainer(tiny_data, tmp_path, monkeypatch):
