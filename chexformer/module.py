@@ -146,6 +146,9 @@ class ChexFormerModule(L.LightningModule):
         self._train_out = []
         distributed = self._distributed
         if distributed:  # every rank's share (the distributed sampler gives each as many)
+            # Its padded repeats (at most world_size - 1 images) stay in, unlike validation's: each was
+            # trained on, under its own augmentation, and with class_weighting: sampler repeats are
+            # the epoch's own draws, which a dedup by index would remove on one device's terms only.
             logits, y = (self.all_gather(t).flatten(0, 1) for t in (logits, y))
             loss_sum = self.all_gather(loss_sum).sum()
         logits, y = logits.cpu(), y.cpu()
