@@ -283,11 +283,6 @@ class Bench:
                 rows.append(row)
         _release()
 
-        baseline = rows[0]
-        for row in rows:
-            row["ratio"] = row["img_s"] / baseline["img_s"] if row["img_s"] and baseline["img_s"] else None
-        ok = [r for r in rows if r["img_s"]]
-        fastest = max(ok, key=lambda r: r["img_s"]) if ok else None
         notes = []
         if a.compile_on:
             good = [r for r in compile_rows if r["img_s"]]
@@ -304,15 +299,8 @@ class Bench:
         elif dev.type != "cpu":
             notes.append("torch.jit trace + freeze (oneDNN fusion) is a CPU path: not measured on " + dev.type)
         best_compile = max((r for r in compile_rows if r["img_s"]), key=lambda r: r["img_s"], default=None)
-        result = {"rows": rows, "baseline": baseline["name"], "fast_path": fast_row["name"],
-                  "fastest": fastest["name"] if fastest else None, "notes": notes,
-                  "best_compile_mode": best_compile["compile_mode"] if best_compile else None}
-        self.results["inference"] = result
-        self._print_rows("1. Inference (eval, no_grad)", rows, "forward")
-        _say(f"fastest: {result['fastest']}" + (f" ({fastest['ratio']:.2f}x the baseline)" if fastest else ""))
-        for n in notes:
-            _say(f"note: {n}")
-        return result
+        return self._report("inference", "1. Inference (eval, no_grad)", "forward", rows, fast_row, notes,
+                            best_compile_mode=best_compile["compile_mode"] if best_compile else None)
 
     def _compile_label(self, mode: str) -> str:
         backend = self.args.compile_backend
@@ -403,18 +391,8 @@ class Bench:
         else:
             notes.append("torch.compile not measured" + (" (--quick)" if a.quick else " (--compile off)"))
         _release()
-        for row in rows:
-            row["ratio"] = row["img_s"] / rows[0]["img_s"] if row["img_s"] and rows[0]["img_s"] else None
-        ok = [r for r in rows if r["img_s"]]
-        fastest = max(ok, key=lambda r: r["img_s"]) if ok else None
-        result = {"rows": rows, "baseline": rows[0]["name"], "fast_path": fast_row["name"],
-                  "fastest": fastest["name"] if fastest else None, "notes": notes}
-        self.results["training"] = result
-        self._print_rows("2. Training step (forward, BCE, backward, AdamW; full fine-tuning)", rows, "train")
-        _say(f"fastest: {result['fastest']}" + (f" ({fastest['ratio']:.2f}x the baseline)" if fastest else ""))
-        for n in notes:
-            _say(f"note: {n}")
-        return result
+        return self._report("training", "2. Training step (forward, BCE, backward, AdamW; full fine-tuning)",
+                            "train", rows, fast_row, notes)
 
     # --- 3. frozen backbone: cached vs uncached -------------------------------------------------
     def cached_epoch(self) -> dict[str, Any]:
@@ -697,6 +675,22 @@ class Bench:
         return out
 
     # --- printing -------------------------------------------------------------------------------
+    def _report(self, section: str, title: str, kind: str, rows: list[dict[str, Any]], fast_row: dict[str, Any],
+                notes: list[str], **extra: Any) -> dict[str, Any]:
+        """Ratios against the first row (the baseline), the section's result kept and printed."""
+        baseline = rows[0]
+        for row in rows:
+            row["ratio"] = row["img_s"] / baseline["img_s"] if row["img_s"] and baseline["img_s"] else None
+        fastest = max((r for r in rows if r["img_s"]), key=lambda r: r["img_s"], default=None)
+        result = {"rows": rows, "baseline": baseline["name"], "fast_path": fast_row["name"],
+                  "fastest": fastest["name"] if fastest else None, "notes": notes, **extra}
+        self.results[section] = result
+        self._print_rows(title, rows, kind)
+        _say(f"fastest: {result['fastest']}" + (f" ({fastest['ratio']:.2f}x the baseline)" if fastest else ""))
+        for n in notes:
+            _say(f"note: {n}")
+        return result
+
     def _print_rows(self, title: str, rows: list[dict[str, Any]], kind: str) -> None:
         self._count_flops()
         mult = 3 if kind == "train" else 1
