@@ -148,7 +148,7 @@ class ChexFormerModule(L.LightningModule):
         if distributed:  # every rank's share (the distributed sampler gives each as many)
             # Its padded repeats (at most world_size - 1 images) stay in, unlike validation's: each was
             # trained on, under its own augmentation, and with class_weighting: sampler repeats are
-            # the epoch's own draws, which a dedup by index would remove on one device's terms only.
+            # the epoch's own draws, which one device counts too and a dedup by index would remove.
             logits, y = (self.all_gather(t).flatten(0, 1) for t in (logits, y))
             loss_sum = self.all_gather(loss_sum).sum()
         logits, y = logits.cpu(), y.cpu()
