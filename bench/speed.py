@@ -283,14 +283,14 @@ class Bench:
                 rows.append(row)
         _release()
 
+        best_compile = max((r for r in compile_rows if r["img_s"]), key=lambda r: r["img_s"], default=None)
         notes = []
         if a.compile_on:
-            good = [r for r in compile_rows if r["img_s"]]
-            if not good:
+            if best_compile is None:
                 notes.append("torch.compile failed in every mode ("
                              + "; ".join(f"{r['compile_mode']}: {r['error']}" for r in compile_rows)
                              + f"); the non-compiled fast path is {fast_row['name']}")
-            elif fast_row["img_s"] and max(r["img_s"] for r in good) <= fast_row["img_s"]:
+            elif fast_row["img_s"] and best_compile["img_s"] <= fast_row["img_s"]:
                 notes.append(f"torch.compile did not pay off: slower than the non-compiled {fast_row['name']}")
         else:
             notes.append("torch.compile not measured" + (" (--quick)" if a.quick else " (--compile off)"))
@@ -298,7 +298,6 @@ class Bench:
             notes.append("torch.jit not measured (--jit off)")
         elif dev.type != "cpu":
             notes.append("torch.jit trace + freeze (oneDNN fusion) is a CPU path: not measured on " + dev.type)
-        best_compile = max((r for r in compile_rows if r["img_s"]), key=lambda r: r["img_s"], default=None)
         return self._report("inference", "1. Inference (eval, no_grad)", "forward", rows, fast_row, notes,
                             best_compile_mode=best_compile["compile_mode"] if best_compile else None)
 
