@@ -57,7 +57,7 @@ VARIANTS: dict[str, list[str]] = {
     # most 14, early stopping with patience 5 (use with --epochs 0, which keeps the variant's budget)
     "recipe_valloss": ["--checkpoint-selection", "val_loss", "--epochs", "14", "--patience", "5"],
     # the 14-epoch budget, measured as a variant and adopted by the recipe in commit 0005876: now the same
-    # training as 'recipe', kept because the README's 14-epoch runs live in runs/recipe_e14-s<seed>
+    # training as 'recipe', kept because the 14-epoch runs of docs/generalisation.md live in runs/recipe_e14-s<seed>
     "recipe_e14": ["--epochs", "14"],
     # mixup (alpha 0.2, Zhang et al. 2018's ImageNet value): interpolated images and labels between
     # training pairs, a regulariser that is not an acquisition change, against the worst case
