@@ -163,6 +163,7 @@ def test_generalisation_report_and_threshold_epochs_on_two_tiny_seeds(tmp_path):
     assert rows[0][:2] == ["cpu", "32"] and rows[0][3:7] == ["0.00000", "0", "0.00000", "0"]
     assert ["cpu", "bf16-mixed"] == rows[-1][:2] and len(rows) == (4 if __import__("torch").cuda.is_available() else 2)
     _check_sharpness_reliance(runs / "tiny-s0")
+    _check_shortcut_probe(runs / "tiny-s0")
 
 
 def _bench_module(name: str):
@@ -291,6 +292,71 @@ def test_resume_check_finds_the_resumed_recipe_identical(tiny_xrays, tmp_path):
     (other / "history.csv").write_text("\n".join([lines[0], lines[1], ",".join(row), *lines[3:]]) + "\n")
     assert module.compare(out / "fresh", other)["history_rows_differing"] == [1]
     assert module.compare(out / "fresh", other)["identical"] is False
+
+
+def _check_shortcut_probe(run):
+    """bench/shortcut_probe.py: the clean row is the run's own (stored threshold, its validation split),
+    and the occluded rows score exactly the images its occlusion makes."""
+    import numpy as np
+    import torch
+
+    from chexformer.data import XrayDataset, read_split_csv
+    from chexformer.inference import Predictor
+    from chexformer.robustness import suite_table
+
+    probe = _bench_module("shortcut_probe")
+    proc = _run(["bench/shortcut_probe.py", str(run), "--margin", "0.2", "--fill", "black"])
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(f"{run.name} ")]
+    maps = [line.split() for line in lines if "; " not in line]
+    assert [m[2:4] for m in maps] == [["rollout", "NORMAL"], ["rollout", "PNEUMONIA"],
+                                      ["Grad-CAM", "NORMAL"], ["Grad-CAM", "PNEUMONIA"]]
+    # 64 px: a 2 x 2 grid, its top and bottom corners all of it (mass / area share 1.0), no inner cells
+    for m in maps:
+        assert m[1] == "2" and float(m[4]) + float(m[5]) == pytest.approx(2.0, abs=0.011) and m[6] == "nan"
+    row = next(line for line in lines if "; " in line)
+    printed = [float(v) for t in re.findall(r"(\d\.\d{3}); (\d\.\d{3})/(\d\.\d{3})", row) for v in t]
+    assert len(printed) == 9
+
+    pred = Predictor.from_checkpoint(run / "checkpoints" / "best.ckpt", device="cpu")
+    ds = XrayDataset(read_split_csv(run / "split.csv", "val"), pred.img_size, pred.cfg.keep_aspect, preload=True)
+    images, y = torch.stack([ds.uint8(i) for i in range(len(ds))]), np.array(ds.labels)
+    centre = probe.band_mask(pred.img_size, 0.2)
+    copies = {"clean": images, "band": probe.occlude(images, ~centre, "black"),
+              "only band": probe.occlude(images, centre, "black")}
+    rows = suite_table(y, {k: pred.predict_images(list(v)) for k, v in copies.items()}, pred.threshold())["rows"]
+    expected = [r[m] for r in rows.values() for m in ("roc_auc", "sensitivity", "specificity")]
+    assert printed == pytest.approx(expected, abs=5e-4)
+
+
+def test_shortcut_probe_regions_masses_and_occlusion():
+    import torch
+
+    probe = _bench_module("shortcut_probe")
+    top, bottom, inner = probe.region_masks(4)
+    corner = top | bottom
+    assert top.sum() == bottom.sum() == 2 and inner.sum() == 4 and not (corner & inner).any()
+    assert top[0, 0] and top[0, 3] and bottom[3, 0] and bottom[3, 3] and inner[1, 1] and inner[2, 2]
+    assert probe.region_masks(3)[2].sum() == 1 and probe.region_masks(2)[2].sum() == 0
+    uniform = torch.ones(2, 4, 4)
+    assert probe.mass_ratio(uniform, corner) == pytest.approx(1.0)
+    in_corners = corner.float()[None]
+    assert probe.mass_ratio(in_corners, corner) == pytest.approx(4.0)  # all the mass on a quarter of the area
+    assert probe.mass_ratio(in_corners, inner) == 0.0
+    # a map without positive mass is left out, not counted as zero; an empty region has no ratio
+    assert probe.mass_ratio(torch.stack([corner.float(), -torch.ones(4, 4)]), corner) == pytest.approx(4.0)
+    assert probe.mass_ratio(in_corners, top) == pytest.approx(4.0)
+    assert math.isnan(probe.mass_ratio(uniform, probe.region_masks(2)[2]))
+
+    centre = probe.band_mask(20, 0.15)  # 3 px along each edge
+    assert centre.sum() == 14 * 14 and not centre[2].any() and not centre[:, 17].any() and centre[3, 3]
+    images = torch.stack([torch.full((3, 20, 20), 10, dtype=torch.uint8),
+                          torch.arange(400, dtype=torch.int64).reshape(20, 20).expand(3, 20, 20).clone().to(torch.uint8)])
+    mean1 = round(float(images[1].float().mean()))
+    band_hidden = probe.occlude(images, ~centre, "mean")
+    assert torch.equal(band_hidden[0], images[0])  # a flat image's mean is itself
+    assert (band_hidden[1][:, ~centre] == mean1).all() and torch.equal(band_hidden[1][:, centre], images[1][:, centre])
+    kept = probe.occlude(images, centre, "black")
+    assert (kept[:, :, centre] == 0).all() and torch.equal(kept[:, :, ~centre], images[:, :, ~centre])
 
 
 def _check_sharpness_reliance(run):

@@ -1,0 +1,144 @@
+"""Where does a trained model look, and can it read the label from outside the lung fields?
+
+The generalisation issue saw round 1's attention rollout sit on image corners and borders, where
+laterality markers and collimation edges are: cues of how an image was acquired, not of the lungs.
+This probe measures two things per run, on its validation images (``split.csv``):
+
+1. **Heatmap mass by region.** Attention rollout and Grad-CAM (:func:`chexformer.explain.explain_batch`,
+   what ``chexformer explain`` and the viewer draw), each cell's share of the map's mass, summed over
+   the two top corner cells (shoulders, where laterality markers usually sit), the two bottom ones
+   and the inner cells (the grid minus its outer ring), divided by their share of the image's area,
+   per class: 1.0 is a uniform map, above 1 concentrates there. Grad-CAM maps the positive-class
+   logit, so on NORMAL images it shows the little evidence for pneumonia there is.
+2. **Occlusion.** The images re-scored with the outer band of each edge (``--margin``, a fraction of
+   the side) hidden, and with everything inside that band hidden, both filled with the image's own
+   mean grey level so that no black edge is added (``--fill black`` for the collimation-like fill).
+   A model that reads the lungs keeps its ROC AUC when the band goes and loses it when only the band
+   is left; a model that reads markers, edges or exposure at the periphery does the opposite. A
+   hidden centre makes an image no model has seen, so a low AUC there means the model cannot use the
+   periphery alone, while a high one means it can (the asymmetric reading of DeGrave et al. 2021,
+   "AI for radiographic COVID-19 detection selects shortcuts over signal").
+
+    python bench/shortcut_probe.py runs/r128full-s42 runs/r96-s42 ... [--margin 0.15] [--fill mean]
+
+The centre box is not a lung mask: at ``--margin 0.15`` the kept band still holds the lungs' outer
+edges and apices in some images, so "periphery only" bounds the shortcut from above.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from chexformer.data import XrayDataset, read_split_csv
+from chexformer.explain import explain_batch
+from chexformer.inference import Predictor
+from chexformer.robustness import suite_table
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", type=Path, nargs="+")
+    p.add_argument("--checkpoint", default="best")
+    p.add_argument("--precision", default="32", help="the scoring precision (default fp32)")
+    p.add_argument("--margin", type=float, default=0.15, help="width of the hidden or kept band, per edge")
+    p.add_argument("--fill", choices=("mean", "black"), default="mean")
+    a = p.parse_args()
+    if not 0 < a.margin < 0.5:
+        raise SystemExit(f"--margin must lie in (0, 0.5), got {a.margin}")
+    print(f"margin {a.margin}, fill {a.fill}; heatmap mass / area share (1.0 = uniform); "
+          "AUC and sensitivity / specificity at the stored cut")
+    heatmaps, occlusion = [], []
+    for run in a.runs:
+        maps, scores = _one(run, a)
+        heatmaps += maps
+        occlusion.append(scores)
+    print(f"\n{'run':<20} {'grid':>4} {'map':<8} {'images':<9} {'top corners':>11} {'bottom corners':>14} {'inner':>6}")
+    print("\n".join(heatmaps))
+    print(f"\n{'run':<20} {'clean AUC; sens/spec':>21} {'band hidden':>21} {'only band kept':>21}")
+    print("\n".join(occlusion))
+
+
+def _one(run: Path, a: argparse.Namespace) -> tuple[list[str], str]:
+    pred = Predictor.from_checkpoint(run / "checkpoints" / f"{a.checkpoint}.ckpt", device="cpu",
+                                     precision=a.precision)
+    if not pred.binary:
+        raise SystemExit(f"{run}: needs a binary model, got {pred.meta.class_names}")
+    dataset = XrayDataset(read_split_csv(run / "split.csv", "val"), pred.img_size, pred.cfg.keep_aspect, preload=True)
+    images = torch.stack([dataset.uint8(i) for i in range(len(dataset))])
+    y = np.asarray(dataset.labels)
+
+    rollout, gradcam = [], []
+    for chunk in images.split(64):
+        out = explain_batch(pred.model, pred.to_input(chunk).to(pred.device), pred.meta)
+        rollout.append(out["rollout"].cpu())
+        gradcam.append(out["gradcam"].cpu())
+    maps = {"rollout": torch.cat(rollout), "Grad-CAM": torch.cat(gradcam)}
+    grid = maps["Grad-CAM"].shape[-1]
+    regions = region_masks(grid)
+    heatmap_rows = []
+    for name, m in maps.items():
+        for label, keep in (("NORMAL", y == 0), ("PNEUMONIA", y == 1)):
+            ratios = [mass_ratio(m[torch.from_numpy(keep)], r) for r in regions]
+            heatmap_rows.append(f"{run.name:<20} {grid:>4} {name:<8} {label:<9} {ratios[0]:>11.2f} "
+                                f"{ratios[1]:>14.2f} {ratios[2]:>6.2f}")
+
+    centre = band_mask(pred.img_size, a.margin)  # True inside the band's inner edge
+    probs = {
+        "clean": pred.predict_images(list(images)),
+        "band hidden": pred.predict_images(list(occlude(images, ~centre, a.fill))),
+        "only band kept": pred.predict_images(list(occlude(images, centre, a.fill))),
+    }
+    rows = suite_table(y, probs, pred.threshold())["rows"]
+    scores = " ".join(f"{r['roc_auc']:.3f}; {r['sensitivity']:.3f}/{r['specificity']:.3f}".rjust(21)
+                      for r in rows.values())
+    return heatmap_rows, f"{run.name:<20} {scores}"
+
+
+def region_masks(grid: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boolean (grid, grid) masks of the two top corner cells, the two bottom corner cells and the
+    inner cells (the grid without its outer ring; empty for a grid under 3)."""
+    top = torch.zeros(grid, grid, dtype=torch.bool)
+    top[0, 0] = top[0, grid - 1] = True
+    bottom = torch.zeros(grid, grid, dtype=torch.bool)
+    bottom[grid - 1, 0] = bottom[grid - 1, grid - 1] = True
+    inner = torch.zeros(grid, grid, dtype=torch.bool)
+    inner[1:grid - 1, 1:grid - 1] = True
+    return top, bottom, inner
+
+
+def mass_ratio(maps: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean over images of (the maps' mass inside ``mask``) / (``mask``'s area share); images whose
+    map has no positive mass are left out; NaN for an empty mask. ``maps`` is (N, h, w), ``mask`` (h, w)."""
+    if not mask.any():
+        return float("nan")
+    m = maps.clamp_min(0).flatten(1)
+    total = m.sum(1)
+    keep = total > 0
+    share = m[:, mask.flatten()].sum(1)[keep] / total[keep]
+    return float(share.mean() / mask.float().mean())
+
+
+def band_mask(size: int, margin: float) -> torch.Tensor:
+    """(size, size) boolean, True inside a band of ``round(margin * size)`` pixels along each edge."""
+    b = max(1, round(margin * size))
+    centre = torch.zeros(size, size, dtype=torch.bool)
+    centre[b:size - b, b:size - b] = True
+    return centre
+
+
+def occlude(images: torch.Tensor, hide: torch.Tensor, fill: str) -> torch.Tensor:
+    """uint8 images (N, C, S, S) with the pixels where ``hide`` is True set to each image's mean grey
+    level (``fill='mean'``) or to 0 (``'black'``)."""
+    if fill == "mean":
+        value = images.float().mean(dim=(1, 2, 3), keepdim=True).round().to(torch.uint8)
+    else:
+        value = torch.zeros(len(images), 1, 1, 1, dtype=torch.uint8)
+    return torch.where(hide, value.expand_as(images), images)
+
+
+if __name__ == "__main__":
+    main()
