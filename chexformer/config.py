@@ -178,6 +178,12 @@ class Config:
     image to the normalisation mean, 0 in every channel after ``Normalize`` (torchvision
     ``RandomErasing``, Zhong et al. 2020), so no single region, such as a corner marker, decides the
     class; 0 turns it off."""
+    edge_occlusion: float = 0.0
+    """Probability of hiding a band along each edge of a training image (each edge's width drawn up to
+    ``edge_occlusion_max`` of the side) with the image's mean grey level, so markers, collimation
+    edges and what lies outside the lungs cannot decide the class; 0 turns it off."""
+    edge_occlusion_max: float = 0.2
+    """Largest band width per edge, as a fraction of the side."""
     intensity: Literal["stretch", "equalize"] = "stretch"
     """After the intensity rule (percentiles -> 0..255), 'stretch' keeps it; 'equalize' adds global
     histogram equalisation (invariant to any monotone contrast curve)."""
@@ -324,6 +330,9 @@ class Config:
              "brightness and contrast jitter must lie in [0, 1)")
         need(0.0 <= self.acquisition_aug <= 1.0, f"acquisition_aug must lie in [0, 1], got {self.acquisition_aug}")
         need(0.0 <= self.random_erasing <= 1.0, f"random_erasing must lie in [0, 1], got {self.random_erasing}")
+        need(0.0 <= self.edge_occlusion <= 1.0, f"edge_occlusion must lie in [0, 1], got {self.edge_occlusion}")
+        need(0.0 < self.edge_occlusion_max < 0.5,
+             f"edge_occlusion_max must lie in (0, 0.5), got {self.edge_occlusion_max}")
         need(0.0 <= self.sharpness_match <= 1.0, f"sharpness_match must lie in [0, 1], got {self.sharpness_match}")
         need(0.0 < self.acquisition_strength <= 2.0,
              f"acquisition_strength must lie in (0, 2], got {self.acquisition_strength}")

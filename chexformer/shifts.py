@@ -193,6 +193,41 @@ class RandomAcquisition(torch.nn.Module):
         return f"p={self.p}, strength={self.strength}"
 
 
+def hide_edges(x: torch.Tensor, fractions: tuple[float, float, float, float]) -> torch.Tensor:
+    """uint8 image (C, H, W) with bands along its top, bottom, left and right edges, ``fractions`` of
+    the height or width wide, set to the image's mean grey level (no new edge of black or white)."""
+    c, h, w = x.shape
+    top, bottom = round(fractions[0] * h), round(fractions[1] * h)
+    left, right = round(fractions[2] * w), round(fractions[3] * w)
+    out = x.clone()
+    value = x.float().mean().round().to(x.dtype)
+    out[:, :top] = value
+    out[:, h - bottom:] = value
+    out[:, :, :left] = value
+    out[:, :, w - right:] = value
+    return out
+
+
+class RandomEdgeOcclusion(torch.nn.Module):
+    """Training augmentation: with probability ``p``, hide a band along each edge, each edge's width
+    drawn uniformly up to ``max_fraction`` of the side, with the image's mean grey level
+    (:func:`hide_edges`), so laterality markers, collimation edges and what lies outside the lungs
+    cannot decide the class (``bench/shortcut_probe.py`` measures how much a model reads there)."""
+
+    def __init__(self, p: float = 0.5, max_fraction: float = 0.2) -> None:
+        super().__init__()
+        self.p, self.max_fraction = float(p), float(max_fraction)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not bool(torch.rand(()) < self.p):
+            return x
+        widths = (torch.rand(4) * self.max_fraction).tolist()
+        return hide_edges(x, tuple(widths))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, max_fraction={self.max_fraction}"
+
+
 # ----------------------------------------------------------------------------------------------
 # Sharpness as a class cue
 # ----------------------------------------------------------------------------------------------

@@ -524,6 +524,24 @@ def test_build_transforms_contracts():
     assert "RandomErasing" not in " ".join(type(t).__name__ for t in evaluation.transforms)
     with pytest.raises(ValueError, match="random_erasing"):
         cfg.replace(random_erasing=1.5)
+    # edge occlusion: bands along the edges set to the image's mean grey (before the intensity rule),
+    # the middle left as it was; never at evaluation
+    still = dict(rotation_deg=0.0, translate=0.0, scale_min=1.0, scale_max=1.0, brightness=0.0, contrast=0.0)
+    hide = build_transforms(cfg.replace(edge_occlusion=1.0, edge_occlusion_max=0.25, **still), train=True,
+                            mean=mean, std=std)
+    assert "RandomEdgeOcclusion" in " ".join(type(t).__name__ for t in hide.transforms)
+    torch.manual_seed(2)
+    hidden = hide(img)
+    flat_rows = [bool((hidden[:, r] == hidden[:, r, :1]).all()) for r in range(64)]  # per channel (Normalize)
+    flat_cols = [bool((hidden[:, :, c] == hidden[:, :1, c]).all()) for c in range(64)]
+    assert flat_rows[0] and flat_cols[0] and flat_rows[-1] and flat_cols[-1]  # four bands (seed 2: none empty)
+    # no band is wider than 0.25 x 64 = 16 px: the middle rows and columns keep the gradient
+    assert not any(flat_rows[16:48]) and not any(flat_cols[16:48])
+    evaluation = build_transforms(cfg.replace(edge_occlusion=1.0), train=False, mean=mean, std=std)
+    assert "RandomEdgeOcclusion" not in " ".join(type(t).__name__ for t in evaluation.transforms)
+    for bad in ({"edge_occlusion": 1.5}, {"edge_occlusion_max": 0.5}, {"edge_occlusion_max": 0.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            cfg.replace(**bad)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -141,3 +141,18 @@ def test_operating_threshold_returns_the_configured_rules_cut():
     assert cuts["shift_worst"] == candidates["shift_worst"] and abs(cuts["shift_worst"] - 0.48) < 0.01
     assert abs(cuts["sensitivity"] - 0.675) < 0.01  # half the positives (0.35..1.0) at or above it
     assert len(set(cuts.values())) == 4
+
+
+def test_hide_edges_sets_each_band_to_the_mean_grey_and_keeps_the_middle():
+    from chexformer.shifts import RandomEdgeOcclusion, hide_edges
+
+    x = torch.arange(3 * 20 * 10, dtype=torch.int64).remainder(251).reshape(3, 20, 10).to(torch.uint8)
+    out = hide_edges(x, (0.1, 0.2, 0.3, 0.0))  # top 2 rows, bottom 4 rows, left 3 columns, no right band
+    value = round(float(x.float().mean()))
+    assert (out[:, :2] == value).all() and (out[:, 16:] == value).all() and (out[:, :, :3] == value).all()
+    assert torch.equal(out[:, 2:16, 3:], x[:, 2:16, 3:]) and out.dtype == torch.uint8
+    assert torch.equal(hide_edges(x, (0.0, 0.0, 0.0, 0.0)), x)
+    assert torch.equal(RandomEdgeOcclusion(p=0.0)(x), x)
+    torch.manual_seed(0)
+    changed = [not torch.equal(RandomEdgeOcclusion(p=1.0, max_fraction=0.3)(x), x) for _ in range(20)]
+    assert all(changed)

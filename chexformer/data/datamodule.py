@@ -210,7 +210,7 @@ class XrayDataModule(L.LightningDataModule):
         desc = json.dumps({k: getattr(cfg, k) for k in (
             "img_size", "keep_aspect", "augment", "rotation_deg", "translate", "scale_min", "scale_max",
             "brightness", "contrast", "acquisition_aug", "acquisition_strength", "sharpness_match", "intensity",
-            "random_erasing", "seed")}
+            "random_erasing", "edge_occlusion", "edge_occlusion_max", "seed")}
             | {"mean": self.mean, "std": self.std, "precision": precision}, sort_keys=True)
         kw = dict(batch_size=max(cfg.batch_size, 32), device=device, autocast_dtype=autocast_dtype(precision),
                   channels_last=cfg.channels_last)
