@@ -6,7 +6,7 @@ This probe measures two things per run, on its validation images (``split.csv``)
 
 1. **Heatmap mass by region.** Attention rollout and Grad-CAM (:func:`chexformer.explain.explain_batch`,
    what ``chexformer explain`` and the viewer draw), each cell's share of the map's mass, summed over
-   the two top corner cells (shoulders, where laterality markers usually sit), the two bottom ones
+   the two top corner cells (where laterality markers often sit; not checked on these images), the two bottom ones
    and the inner cells (the grid minus its outer ring), divided by their share of the image's area,
    per class: 1.0 is a uniform map, above 1 concentrates there. Grad-CAM maps the positive-class
    logit, so on NORMAL images it shows the little evidence for pneumonia there is.
@@ -21,8 +21,8 @@ This probe measures two things per run, on its validation images (``split.csv``)
 
     python bench/shortcut_probe.py runs/r128full-s42 runs/r96-s42 ... [--margin 0.15] [--fill mean]
 
-The centre box is not a lung mask: at ``--margin 0.15`` the kept band still holds the lungs' outer
-edges and apices in some images, so "periphery only" bounds the shortcut from above.
+The centre box is not a lung mask: the kept band can hold the lungs' outer edges, so "periphery
+only" bounds the shortcut from above.
 """
 
 from __future__ import annotations

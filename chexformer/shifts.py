@@ -196,7 +196,7 @@ class RandomAcquisition(torch.nn.Module):
 def hide_edges(x: torch.Tensor, fractions: tuple[float, float, float, float]) -> torch.Tensor:
     """uint8 image (C, H, W) with bands along its top, bottom, left and right edges, ``fractions`` of
     the height or width wide, set to the image's mean grey level (no new edge of black or white)."""
-    c, h, w = x.shape
+    _, h, w = x.shape
     top, bottom = round(fractions[0] * h), round(fractions[1] * h)
     left, right = round(fractions[2] * w), round(fractions[3] * w)
     out = x.clone()
