@@ -2,8 +2,9 @@
 
 The exported graph is a small wrapper whose ``forward(image)`` returns the model's logits in eval
 mode: input ``image`` (batch, 3, S, S) float32, normalised; output ``logits`` (batch, K), with a
-dynamic batch size. Everything needed to use it (class names, normalisation, image size, decision
-threshold, temperature, and how logits become probabilities) travels with it three ways:
+dynamic batch size. Everything needed to use it (class names, image size, the intensity rule and
+normalisation, the decision threshold, the Platt temperature and bias, and how logits become
+probabilities) travels with it three ways:
 
 * a side file ``<output>.json`` (always written; it also records the parity check),
 * ONNX ``metadata_props`` (key ``chexformer`` holds the full JSON; the main fields also have
@@ -33,6 +34,7 @@ from torch import nn
 
 from chexformer import __version__
 from chexformer.checkpoint import CheckpointMeta
+from chexformer.data.io import INTENSITY_PERCENTILES
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ def export_metadata(meta: CheckpointMeta, fmt: str, num_outputs: int, img_size: 
     binary = num_outputs == 1
     positive = meta.positive_class if binary else None
     if binary:
-        probability = "p = sigmoid(logits[:, 0] / temperature) is the probability of positive_class"
+        probability = "p = sigmoid(logits[:, 0] / temperature + bias) is the probability of positive_class"
         decision = "predict positive_class (class_names[1]) when p >= threshold, else class_names[0]"
     else:
         probability = "p = softmax(logits / temperature, axis=1); column i is class_names[i]"
@@ -109,6 +111,9 @@ def export_metadata(meta: CheckpointMeta, fmt: str, num_outputs: int, img_size: 
         "positive_class": positive,
         "threshold": float(meta.threshold),
         "temperature": float(meta.temperature),
+        "bias": float(meta.bias),
+        "intensity_percentiles": [float(v) for v in INTENSITY_PERCENTILES],
+        "keep_aspect": bool(meta.config.keep_aspect),
         "mean": [float(v) for v in meta.mean],
         "std": [float(v) for v in meta.std],
         "img_size": size,
@@ -117,7 +122,14 @@ def export_metadata(meta: CheckpointMeta, fmt: str, num_outputs: int, img_size: 
             "shape": ["batch", 3, size, size],
             "dtype": "float32",
             "layout": "NCHW",
-            "preprocess": f"RGB image resized to {size}x{size}, scaled to [0, 1], then (x - mean) / std per channel",
+            "preprocess": (
+                "grey values at the file's own depth (colour as ITU-R 601 luma); the image's own "
+                "intensity_percentiles mapped linearly to 0..255, rounded and clipped to 8 bits; resized "
+                f"(bilinear) to {size}x{size}" + (", the longer side first, centred on black" if meta.config.keep_aspect
+                                                   else "") +
+                "; the same percentile mapping again on the resized image; grey copied to 3 channels; "
+                "scaled to [0, 1]; then (x - mean) / std per channel"
+            ),
         },
         "output": {"name": OUTPUT_NAME, "shape": ["batch", num_outputs], "dtype": "float32"},
         "probability": probability,
@@ -265,7 +277,7 @@ def _export_onnx(wrapper_fused: nn.Module, wrapper_explicit: nn.Module, example:
 def _onnx_props(metadata: dict[str, Any]) -> dict[str, str]:
     """metadata_props entries (string values): the full JSON plus readable copies of the main fields."""
     props = {METADATA_KEY: json.dumps(metadata)}
-    for key in ("class_names", "threshold", "temperature", "mean", "std", "img_size", "positive_class",
+    for key in ("class_names", "threshold", "temperature", "bias", "mean", "std", "img_size", "positive_class",
                 "chexformer_version", "probability", "decision"):
         value = metadata[key]
         props[key] = value if isinstance(value, str) else json.dumps(value)

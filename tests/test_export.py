@@ -187,3 +187,38 @@ def test_bad_requests_raise_export_error(binary, tiny_cfg, tmp_path):
         export_model(model, three, "torchscript", tmp_path / "m.pt")
     with pytest.raises(FileNotFoundError):
         load_exported_metadata(tmp_path / "missing.onnx")
+
+
+def test_following_the_exported_metadata_alone_reproduces_predict(binary, tmp_path):
+    """A deployer with the exported file, its metadata and only PIL and NumPy gets the probability and
+    label `chexformer predict` gives, on a 16-bit PNG of another size: the metadata must carry the
+    Platt bias and the intensity rule, not only the temperature."""
+    from PIL import Image
+
+    from chexformer.inference import Predictor
+
+    model, meta = binary
+    meta.bias = -0.8
+    path = export_model(model, meta, "torchscript", tmp_path / "model.pt")
+    md = load_exported_metadata(path)
+    assert md["bias"] == pytest.approx(-0.8) and "bias" in md["probability"]
+
+    rng = np.random.default_rng(0)
+    grey = (np.linspace(0, 50_000, 90)[:, None] + rng.normal(0, 3_000, (90, 70))).clip(0, 65_535).astype(np.uint16)
+    Image.fromarray(grey).save(tmp_path / "x.png")
+    expected = Predictor(model, meta, device="cpu").predict_files([tmp_path / "x.png"], guard=False)[0]
+
+    def stretch(a):
+        lo, hi = np.percentile(a.astype(np.float64), md["intensity_percentiles"])
+        return np.clip(np.rint((a - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+
+    s = md["img_size"]
+    x = stretch(np.asarray(Image.fromarray(stretch(np.asarray(Image.open(tmp_path / "x.png"))))
+                           .resize((s, s), Image.Resampling.BILINEAR)))
+    x = (np.repeat(x[None].astype(np.float32) / 255, 3, axis=0) - np.array(md["mean"], np.float32)[:, None, None]) \
+        / np.array(md["std"], np.float32)[:, None, None]
+    with torch.no_grad():
+        logit = float(torch.jit.load(str(path))(torch.from_numpy(x[None]).float())[0, 0])
+    p = 1 / (1 + np.exp(-(logit / md["temperature"] + md["bias"])))
+    assert p == pytest.approx(expected.probabilities[-1], abs=1e-4)
+    assert (md["positive_class"] if p >= md["threshold"] else md["class_names"][0]) == expected.label
