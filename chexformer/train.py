@@ -104,12 +104,17 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
     run = RunFolder(Path(cfg.out_dir))
     not_rank_zero_on_other_nodes()
     refuse_to_overwrite(run, resume)
+    if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"accelerator={cfg.accelerator} was asked for, but torch sees no CUDA GPU on this machine; "
+                          "use --accelerator cpu (or auto)")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_data(cfg)
     accelerator = resolve_accelerator(cfg.accelerator)
     precision = resolve_precision(cfg.precision, accelerator)
-    prepare_run_folder(run, cfg, dm)
     module, weights_report = build_module(cfg, dm, run, precision)
+    if resume:
+        check_resumable(run, module, cfg)
+    prepare_run_folder(run, cfg, dm)
     trainer, best = build_trainer(cfg, dm, run, accelerator, precision, cached=module.use_features)
     fit(trainer, module, dm, run, resume)
     suite = None
@@ -135,6 +140,34 @@ def refuse_to_overwrite(run: RunFolder, resume: bool) -> None:
         raise RunExistsError(
             f"{run.out} already holds a run's checkpoints. Pass --resume to continue it, or choose another --out-dir."
         )
+
+
+def check_resumable(run: RunFolder, module: ChexFormerModule, cfg: Config) -> None:
+    """Before ``--resume`` writes anything: ``last.ckpt`` must be readable and hold the weights of
+    the model ``cfg`` builds, so that a changed option (``--d-model``, ``--num-layers``, ...) is one
+    clear error naming it, and the run's ``config.yaml`` is not rewritten to a config its
+    checkpoint cannot continue."""
+    if not run.last.is_file():
+        return
+    obj = read_checkpoint_file(run.last)  # missing / truncated / not a checkpoint: one clear error
+    state = obj.get("state_dict") if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise ConfigError(f"--resume: {run.last} is not a training checkpoint (no state_dict); "
+                          "train into a new --out-dir")
+    mine = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if mine == theirs:
+        return
+    stored = (obj.get("chexformer") or {}).get("config") or {}
+    changed = [f"{k}: {stored[k]!r} in the run, {v!r} now" for k, v in cfg.to_dict().items()
+               if k in stored and stored[k] != v and k not in ("out_dir", "data_dir")]
+    differing = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    raise ConfigError(
+        f"--resume: {run.last} holds another model than this config builds ({len(differing)} tensors differ, "
+        f"e.g. {differing[0]}: {theirs.get(differing[0])} in the checkpoint, {mine.get(differing[0])} now). "
+        + (f"Changed options: {'; '.join(changed)}. " if changed else "")
+        + "Resume without the options that change the model, or train into a new --out-dir."
+    )
 
 
 def build_data(cfg: Config) -> XrayDataModule:

@@ -19,7 +19,7 @@ from chexformer.config import ConfigError
 from chexformer.history import read_history
 from chexformer.synthetic import make_synthetic_dataset
 from chexformer.train import RunExistsError, XrayDataModule, train
-from chexformer.weights import read_checkpoint_file
+from chexformer.weights import WeightsError, read_checkpoint_file
 
 from .conftest import SHARED_DATA
 
@@ -330,6 +330,25 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_data, tmp_path):
     train(_cfg(tiny_data, part, epochs=3, **kw), resume=True, evaluate=False)
     a, b = _assert_same_run(part, whole)
     assert a["lr_schedulers"][0]["last_epoch"] == 3
+
+
+def test_resume_that_cannot_continue_is_one_clear_error_and_leaves_the_run_as_it_was(tiny_data, tmp_path):
+    """--resume with an option that changes the model, or with a damaged last.ckpt, stops before
+    anything is written: config.yaml stays the run's, so a plain --resume still works afterwards."""
+    out = tmp_path / "run"
+    train(_cfg(tiny_data, out, epochs=1), evaluate=False)
+    config, last = (out / "config.yaml").read_text(), out / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"d_model: 32 in the run, 64 now"):
+        train(_cfg(tiny_data, out, epochs=2, d_model=64), resume=True, evaluate=False)
+    assert (out / "config.yaml").read_text() == config
+    intact = last.read_bytes()
+    last.write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(WeightsError, match="not a readable PyTorch checkpoint"):
+        train(_cfg(tiny_data, out, epochs=2), resume=True, evaluate=False)
+    assert (out / "config.yaml").read_text() == config
+    last.write_bytes(intact)
+    train(_cfg(tiny_data, out, epochs=2), resume=True, evaluate=False)
+    assert len((out / "history.csv").read_text().splitlines()) == 3  # header + epochs 0 and 1
 
 
 def test_cosine_schedule_ends_at_min_lr_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
