@@ -149,7 +149,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from chexformer.checkpoint import load_checkpoint
     from chexformer.export import export_model
+    from chexformer.runtime import check_output_file
 
+    for out in (args.output, f"{args.output}.json"):  # the export and its side file
+        check_output_file(out, protect=[args.checkpoint])
     model, meta = load_checkpoint(args.checkpoint)
     path = export_model(model, meta, args.format, Path(args.output))
     log.info("exported %s (metadata in %s.json)", path, path)
@@ -265,13 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     # ConfigError, DatasetLayoutError and WeightsError are ValueErrors: an input to fix, not a bug.
-    except (ValueError, FileExistsError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # FileNotFoundError, PermissionError, a full disk, ...
         log.error("%s", exc)
         return 2
     except Exception as exc:
         from chexformer.data import ImageReadError  # imported only here: printing help needs no torch
+        from chexformer.export import ExportError
 
-        if not isinstance(exc, ImageReadError):
+        if not isinstance(exc, (ImageReadError, ExportError)):
             raise
         log.error("%s", exc)
         return 2

@@ -12,6 +12,8 @@ import ast
 import dataclasses
 import difflib
 import functools
+import math
+import re
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -319,7 +321,15 @@ class Config:
         need(self.cache_views >= 1, f"cache_views must be >= 1, got {self.cache_views}")
         need(0.0 < self.target_sensitivity <= 1.0,
              f"target_sensitivity must lie in (0, 1], got {self.target_sensitivity}")
+        need(0 <= self.seed < 2**32, f"seed must lie in 0..2**32-1 (NumPy's range), got {self.seed}")
         need(self.split_seed >= -1, f"split_seed must be >= 0, or -1 to use seed, got {self.split_seed}")
+        need(self.devices == "auto" or _DEVICES.fullmatch(str(self.devices).strip()) is not None,
+             f"devices must be 'auto', a count ('2', -1 for all) or a comma-separated list of indices ('0,1'), "
+             f"got {self.devices!r}")
+        for f in fields(self):  # +-inf would pass one-sided range checks such as init_lr > 0
+            value = getattr(self, f.name)
+            if isinstance(value, float):
+                need(math.isfinite(value), f"{f.name} must be a finite number, got {value}")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         need(self.num_nodes >= 1, f"num_nodes must be >= 1, got {self.num_nodes}")
         need(0.0 <= self.rotation_deg <= 30.0, f"rotation_deg must lie in [0, 30], got {self.rotation_deg}")
@@ -438,6 +448,7 @@ def _close_matches(name: str, known) -> str:
     return ", ".join(difflib.get_close_matches(name, list(known), n=2))
 
 
+_DEVICES = re.compile(r"-?\d+|\d+(\s*,\s*\d+)*\s*,?")
 _TRUE = {"true", "yes", "1", "on"}
 _FALSE = {"false", "no", "0", "off"}
 

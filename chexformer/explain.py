@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from chexformer import plots
 from chexformer.data import ImageReadError, load_image
+from chexformer.guard import pixel_problems
 from chexformer.inference import Prediction, Predictor
 from chexformer.model import evaluating
 from chexformer.predict import collect_images, prediction_columns, prediction_row
@@ -297,7 +298,8 @@ def explain_files(checkpoint, images: Sequence, out_dir, k: int = 6, device: str
     """For each image file: the original image (at up to ``max_side`` px) with attention rollout
     and Grad-CAM overlays, the most active feature maps and the calibrated prediction in one PNG;
     the raw heatmaps (model resolution, float32) next to it as ``.npy``; a row per image in
-    ``explain.csv`` (predict's schema plus ``panel``).
+    ``explain.csv`` (predict's schema plus ``panel`` and ``warning``, set for an image whose pixels
+    show it is no radiograph: :func:`chexformer.guard.pixel_problems`).
 
     The heatmaps show the evidence for the positive class (binary) or the predicted class. With
     ``common_scale`` every image's maps share one scale (the largest value of each map kind over
@@ -328,6 +330,11 @@ def explain_files(checkpoint, images: Sequence, out_dir, k: int = 6, device: str
             label = meta.class_names[c]
             pred = Prediction(str(path), [float(v) for v in probs], label, None)
             title = f"{path.name}: {label} (P = {float(probs[c]):.3f}); heatmaps: evidence for {label}"
+        problem = pixel_problems([img])[0]
+        if problem is not None:
+            log.warning("%s looks like no radiograph (%s): its label and heatmaps mean nothing", path, problem)
+            pred.extra["warning"] = problem
+            title += f"\nWARNING: {problem}"
         heat = {}
         if res["rollout"] is not None:
             heat["attention rollout"] = res["rollout"][0].float().cpu().numpy()
@@ -347,7 +354,7 @@ def explain_files(checkpoint, images: Sequence, out_dir, k: int = 6, device: str
         plots.plot_explanation(np.asarray(original), heat, feats, png, title, k=k, vmax=vmax)
         rows[row_index]["panel"] = str(png)
     with (out / "explain.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=prediction_columns(meta.class_names, ["panel"]))
+        writer = csv.DictWriter(f, fieldnames=prediction_columns(meta.class_names, ["panel", "warning"]))
         writer.writeheader()
         writer.writerows(rows)
     log.info("explained %d images into %s%s", len(done), out, " (common heatmap scale)" if vmax else "")

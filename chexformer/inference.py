@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from chexformer import data, metrics
 from chexformer.checkpoint import CheckpointMeta, load_checkpoint
 from chexformer.data.io import grey_image
-from chexformer.guard import Guard
+from chexformer.guard import Guard, pixel_problems
 from chexformer.runtime import autocast_dtype, resolve_precision
 from chexformer.synthetic import synthetic_image
 
@@ -54,7 +54,10 @@ def resolve_device(device: str = "auto") -> torch.device:
     """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is a clear error."""
     if device in ("auto", None, ""):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu or cuda[:N], got {device!r}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch sees no CUDA GPU on this machine; "
                          "use --device cpu (or auto)")
@@ -251,7 +254,9 @@ class Predictor:
                       workers: int | None = None, progress: bool = False, guard: bool = True) -> list[Prediction]:
         """Score files in order; decoding of the next batch overlaps the model on this one.
         An unreadable file gives a :class:`Prediction` with ``error`` set. With a guard in the
-        checkpoint (and ``guard``), ``extra`` holds ``ood_score`` and ``in_distribution``."""
+        checkpoint (and ``guard``), ``extra`` holds ``ood_score`` and ``in_distribution``; an image
+        whose pixels show it is no radiograph (:func:`chexformer.guard.pixel_problems`: blank, a few
+        grey levels) gets ``in_distribution`` False and the reason in ``warning``, guard or not."""
         use_guard = guard and self.guard is not None
         paths = [Path(p) for p in paths]
         workers = workers or min(4, os.cpu_count() or 1)
@@ -263,11 +268,15 @@ class Predictor:
                 images = [decoded[i] for i in ok]
                 probs = self.predict_images(images, tta=tta) if ok else np.empty(0)
                 ood = self.ood_scores(images) if ok and use_guard else None
+                problems = pixel_problems(images)
                 for j, i in enumerate(ok):
                     decoded[i] = self._prediction(str(chunk[i]), probs[j], tta)
                     if ood is not None:
                         decoded[i].extra = {"ood_score": float(ood[j]),
-                                            "in_distribution": bool(not self.guard.flag(ood[j:j + 1])[0])}
+                                            "in_distribution": bool(problems[j] is None
+                                                                    and not self.guard.flag(ood[j:j + 1])[0])}
+                    if problems[j] is not None:  # with or without a guard: no radiograph, whatever the score
+                        decoded[i].extra.update(in_distribution=False, warning=problems[j])
                 for i, path in enumerate(chunk):
                     results.append(decoded[i] if isinstance(decoded[i], Prediction)
                                    else Prediction(str(path), error=str(decoded[i])))

@@ -20,6 +20,7 @@ from typing import Any
 
 from chexformer.data import find_images
 from chexformer.inference import Prediction, Predictor
+from chexformer.runtime import check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +62,22 @@ def predict_paths(checkpoint: str | Path, paths: Sequence[str | Path], output: s
                   batch_size: int = 32, tta: bool = False, device: str = "auto", precision: str = "32",
                   backend: str = "eager", progress: bool = True) -> list[Prediction]:
     """Predict every image under ``paths``; write ``output`` (CSV) if given; return the predictions."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     predictor = Predictor.from_checkpoint(checkpoint, device=device, precision=precision, backend=backend,
                                           batch_size=batch_size)
     files = collect_images(paths)
     if not files:
         raise FileNotFoundError(f"no images found in {', '.join(map(str, paths))}")
+    if output is not None:
+        output = check_output_file(output, protect=[checkpoint, *files])
     results = predictor.predict_files(files, batch_size=batch_size, tta=tta, progress=progress)
     if output is not None:
         write_predictions(Path(output), results, predictor.meta.class_names)
+    flagged = [r for r in results if r.extra.get("warning")]
+    if flagged:
+        log.warning("%d of %d images look like no radiograph; their labels mean nothing (column 'warning'):\n%s",
+                    len(flagged), len(results), "\n".join(f"  {r.path}: {r.extra['warning']}" for r in flagged[:50]))
     failed = [r for r in results if r.error]
     if failed:
         log.warning("%d of %d files could not be read:\n%s", len(failed), len(results),

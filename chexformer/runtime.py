@@ -1,4 +1,5 @@
-"""Device and precision choices shared by training, prediction and benchmarks."""
+"""Device and precision choices shared by training, prediction and benchmarks, and the check of an
+output file before the work that fills it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import logging
 import os
 import platform
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import torch
 log = logging.getLogger(__name__)
 
 __all__ = ["cpu_supports_bf16", "resolve_accelerator", "resolve_precision", "autocast_dtype", "default_device",
-           "host_environment"]
+           "host_environment", "check_output_file"]
 
 
 def cpu_supports_bf16() -> bool:
@@ -96,3 +98,26 @@ def host_environment(device: torch.device | None = None) -> dict[str, Any]:
         env["gpu"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
     return env
+
+
+def check_output_file(path: str | os.PathLike, protect: Iterable[str | os.PathLike] = ()) -> Path:
+    """``path`` as a file this command may write, checked before the work that fills it: not a
+    folder, not one of the ``protect`` files (the checkpoint, the input images), and in a folder
+    that exists or can be made and is writable. Raises ``ValueError`` naming the problem."""
+    if not str(path).strip():
+        raise ValueError("the output file name is empty")
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"output {out} is a folder; name a file inside it")
+    target = out.resolve()
+    for other in protect:
+        if Path(other).resolve() == target:
+            raise ValueError(f"output {out} is also an input of this command ({other}); writing it would "
+                             "destroy that input. Choose another output file.")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create the folder of output {out}: {exc.strerror or exc}") from None
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"output {out} is not writable here")
+    return out

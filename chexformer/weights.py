@@ -73,6 +73,8 @@ def _preview(keys: list[str], n: int = 3) -> str:
 def read_checkpoint_file(path: str | Path, trusted: bool = False) -> Any:
     """``torch.load`` with clear errors: missing, truncated, not a checkpoint, needs unpickling."""
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     if path.stat().st_size == 0:
@@ -80,6 +82,9 @@ def read_checkpoint_file(path: str | Path, trusted: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as exc:
+        if not _looks_like_torch_save(path):
+            raise WeightsError(f"{path} is not a PyTorch checkpoint (neither the zip archive torch.save writes "
+                               "nor a pickle): another file type, or damaged") from None
         if trusted:
             raise WeightsError(f"{path} could not be unpickled: {exc}") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -93,6 +98,14 @@ def read_checkpoint_file(path: str | Path, trusted: bool = False) -> Any:
             f"{path} is not a readable PyTorch checkpoint (truncated, corrupt or another file type): "
             f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
         ) from None
+
+
+def _looks_like_torch_save(path: Path) -> bool:
+    """Whether the file starts as ``torch.save`` output does: a zip archive, or (the legacy format)
+    a pickle, whose first opcode is PROTO (0x80)."""
+    with path.open("rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
 def _extract_state_dict(obj: Any, path: str) -> tuple[dict[str, torch.Tensor], bool]:

@@ -246,3 +246,75 @@ def test_checkpoint_that_is_not_chexformer(tmp_path, caplog):
     torch.save({"state_dict": {}}, bad)
     assert main(["predict", "--checkpoint", str(bad), "--output", str(tmp_path / "p.csv"), str(tmp_path)]) == 2
     assert "not a chexformer checkpoint" in caplog.text
+
+
+def test_an_output_that_is_an_input_is_refused_before_any_work(ckpt, tmp_path, caplog):
+    """`--output` naming the checkpoint or an input image would destroy it: one clear error, and the
+    file is untouched; a folder, an unwritable place or a bad batch size are refused up front too."""
+    _write_inputs(tmp_path / "in")
+    image = tmp_path / "in" / "a.png"
+    before = {p: p.read_bytes() for p in (ckpt, image)}
+    for output in (ckpt, image):
+        assert main(["predict", "--checkpoint", str(ckpt), "--output", str(output), str(tmp_path / "in")]) == 2
+        assert "also an input" in caplog.text
+    caplog.clear()
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "torchscript", "--output", str(ckpt)]) == 2
+    assert "also an input" in caplog.text
+    assert {p: p.read_bytes() for p in (ckpt, image)} == before
+
+    caplog.clear()
+    assert main(["predict", "--checkpoint", str(ckpt), "--output", str(tmp_path / "in"), str(image)]) == 2
+    assert "is a folder" in caplog.text
+    caplog.clear()
+    assert main(["predict", "--checkpoint", str(ckpt), "--output", str(image / "p.csv"), str(image)]) == 2
+    assert "cannot create the folder" in caplog.text  # the output's folder would be a file
+    for bad in ("0", "-1"):
+        caplog.clear()
+        assert main(["predict", "--checkpoint", str(ckpt), "--output", str(tmp_path / "p.csv"),
+                     "--batch-size", bad, str(image)]) == 2
+        assert "--batch-size must be >= 1" in caplog.text
+    assert not (tmp_path / "p.csv").exists()
+    caplog.clear()
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "in"),
+                 "--out-dir", str(tmp_path / "ev"), "--n-boot", "-5"]) == 2
+    assert "--n-boot must be >= 0" in caplog.text
+
+
+def test_blank_images_are_flagged_without_a_guard(ckpt, tmp_path, caplog):
+    """A checkpoint without a guard (small data) still flags images whose pixels show they are no
+    radiograph, in predict's CSV and explain's, instead of a bare confident label."""
+    _write_inputs(tmp_path / "in")
+    Image.fromarray(np.full((50, 50), 255, np.uint8)).save(tmp_path / "in" / "white.png")
+    out = tmp_path / "preds.csv"
+    assert main(["predict", "--checkpoint", str(ckpt), "--output", str(out), str(tmp_path / "in")]) == 0
+    rows = {r["path"].split("/")[-1]: r for r in csv.DictReader(out.open())}
+    assert rows["white.png"]["warning"].startswith("blank image") and rows["white.png"]["in_distribution"] == "False"
+    assert rows["a.png"]["warning"] == "" and rows["a.png"]["predicted_label"]
+    assert "look like no radiograph" in caplog.text
+    assert main(["explain", "--checkpoint", str(ckpt), "--out-dir", str(tmp_path / "ex"),
+                 str(tmp_path / "in" / "white.png")]) == 0
+    assert next(csv.DictReader((tmp_path / "ex" / "explain.csv").open()))["warning"].startswith("blank image")
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n" + bytes(range(256)), bytes(range(7, 200))])
+def test_a_file_that_is_no_checkpoint_is_named_so(content, tmp_path, caplog):
+    bad = tmp_path / "x.ckpt"
+    bad.write_bytes(content)
+    assert main(["predict", "--checkpoint", str(bad), "--output", str(tmp_path / "p.csv"), str(tmp_path)]) == 2
+    assert "is not a PyTorch checkpoint" in caplog.text and "trust" not in caplog.text
+    caplog.clear()
+    assert main(["predict", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "p.csv"), str(bad)]) == 2
+    assert "is a folder, not a checkpoint file" in caplog.text
+
+
+def test_runtime_options_are_checked_by_name(ckpt, tmp_path, caplog):
+    _write_inputs(tmp_path / "in")
+    assert main(["predict", "--checkpoint", str(ckpt), "--output", str(tmp_path / "p.csv"), "--device", "banana",
+                 str(tmp_path / "in" / "a.png")]) == 2
+    assert "--device must be auto, cpu or cuda[:N]" in caplog.text
+    for option, value, message in (("--devices", "foo", "devices must be 'auto'"), ("--seed", "-5", "seed must lie"),
+                                   ("--init-lr", "inf", "init_lr must be a finite number")):
+        caplog.clear()
+        assert main(["train", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), option, value]) == 2
+        assert message in caplog.text
+    assert not (tmp_path / "run").exists()
