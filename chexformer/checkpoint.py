@@ -16,6 +16,7 @@ Written during training (the metadata comes from :meth:`ChexFormerModule.meta
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from chexformer.config import Config, ConfigError
+from chexformer.config import Config
 from chexformer.model import build_model, num_logits
 from chexformer.weights import WeightsError, read_checkpoint_file
 
@@ -83,7 +84,7 @@ class CheckpointMeta:
     def from_dict(cls, d: dict[str, Any], source: str = "checkpoint") -> CheckpointMeta:
         try:
             cfg = Config.from_dict(d["config"], source=f"{source} (stored config)")
-            return cls(
+            meta = cls(
                 config=cfg,
                 class_names=[str(c) for c in d["class_names"]],
                 mean=tuple(float(v) for v in d["normalization"]["mean"]),
@@ -94,8 +95,19 @@ class CheckpointMeta:
                 epoch=int(d.get("epoch", -1)),
                 extra=dict(d.get("extra", {})),
             )
-        except (KeyError, TypeError, ConfigError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:  # ConfigError is a ValueError
             raise WeightsError(f"{source}: chexformer metadata is incomplete or invalid: {exc}") from None
+        problems = [name for name, ok in (
+            ("threshold", 0.0 <= meta.threshold <= 1.0),
+            ("temperature", math.isfinite(meta.temperature) and meta.temperature > 0),
+            ("bias", math.isfinite(meta.bias)),
+            ("normalization", all(math.isfinite(v) for v in (*meta.mean, *meta.std)) and min(meta.std) > 0),
+        ) if not ok]
+        if problems:
+            raise WeightsError(f"{source}: chexformer metadata is invalid: {', '.join(problems)} out of range "
+                               f"(threshold {meta.threshold}, temperature {meta.temperature}, bias {meta.bias}, "
+                               f"mean {meta.mean}, std {meta.std})")
+        return meta
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:

@@ -67,6 +67,9 @@ def test_command_line_overrides_yaml(tmp_path):
         ({"swa_epochs": 1, "ema_decay": 0.99, "checkpoint_selection": "last"}, "swa_epochs and ema_decay"),
         ({"swa_epochs": 1, "checkpoint_selection": "val_loss"}, "fixed budget"),
         ({"strategy": "ddp_spawn"}, "strategy: expected one of auto, ddp"),
+        ({"init_lr": float("inf")}, "init_lr must be a finite number"),
+        ({"seed": -5}, "seed must lie in"),
+        ({"devices": "two"}, "devices must be 'auto'"),
     ],
 )
 def test_validation_errors(changes, message):
@@ -88,6 +91,18 @@ def test_unknown_key_and_bad_type(tmp_path):
         load_config(path)
     assert "unknown key 'img_sise'" in str(err.value) and "img_size" in str(err.value)
     assert "batch_size: expected int" in str(err.value)
+
+
+def test_yaml_file_that_is_not_utf8_or_repeats_a_key_names_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"epochs: 3\nout_dir: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not a UTF-8 text file"):
+        load_config(path)
+    path.write_text("epochs: 3\nimg_size: 128\nepochs: 30\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: not valid YAML: .*key 'epochs' appears twice"):
+        load_config(path)
+    path.write_text("epochs: 3\nimg_size: 128\n")
+    assert load_config(path, {"devices": "0,1"}).epochs == 3  # one key once each, and a list of devices: fine
 
 
 def test_bool_and_int_coercion():

@@ -139,6 +139,23 @@ def test_non_checkpoint_file_is_a_clear_error(tmp_path, content):
         load_backbone_weights(_fresh(), path)
 
 
+@pytest.mark.parametrize("change", [{"threshold": float("nan")}, {"threshold": 1.5}, {"temperature": 0.0},
+                                    {"bias": float("inf")}, {"normalization": {"mean": [0.5] * 3, "std": [0.0] * 3}}])
+def test_chexformer_metadata_out_of_range_is_a_clear_error(tmp_path, change):
+    """An edited or damaged checkpoint whose threshold is NaN labelled every image NORMAL."""
+    from chexformer.checkpoint import load_checkpoint
+
+    from .conftest import write_checkpoint
+
+    path = write_checkpoint(tmp_path / "best.ckpt", Config(img_size=64, d_model=32, num_heads=4, ffn_dim=64,
+                                                           num_layers=1))
+    obj = torch.load(path, weights_only=True)
+    obj["chexformer"].update(change)
+    torch.save(obj, path)
+    with pytest.raises(WeightsError, match=f"metadata is invalid: {next(iter(change))} out of range"):
+        load_checkpoint(path)
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(WeightsError, match="not found"):
         load_backbone_weights(_fresh(), tmp_path / "nope.pth")
