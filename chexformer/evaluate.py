@@ -87,7 +87,10 @@ def evaluate_checkpoint(
                                           batch_size=batch_size)
     model, meta = predictor.model, predictor.meta
     cfg = meta.config
-    scan = data.scan_folder(Path(data_dir), meta.class_names, strict=strict, patient_regex=cfg.patient_regex)
+    try:
+        scan = data.scan_folder(Path(data_dir), meta.class_names, strict=strict, patient_regex=cfg.patient_regex)
+    except data.DatasetLayoutError as exc:  # the hint is one labelled folder, not a training layout
+        raise data.DatasetLayoutError(exc.args[0], layout=data.EVAL_LAYOUT) from None
     samples = scan.samples
     # decoded once, here: the logits, the guard, the shift suite and the explanation panels reuse it
     dataset = data.XrayDataset(samples, cfg.img_size, cfg.keep_aspect, predictor.transform, preload=True)

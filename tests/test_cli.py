@@ -318,3 +318,11 @@ def test_runtime_options_are_checked_by_name(ckpt, tmp_path, caplog):
         assert main(["train", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), option, value]) == 2
         assert message in caplog.text
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_on_a_bad_folder_shows_the_folder_layout_not_the_training_one(ckpt, tmp_path, caplog):
+    (tmp_path / "empty").mkdir()
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "empty"),
+                 "--out-dir", str(tmp_path / "ev")]) == 2
+    assert "no class sub-folders" in caplog.text and "one labelled folder" in caplog.text
+    assert "train/<CLASS_A>" not in caplog.text

@@ -21,6 +21,7 @@ from chexformer.data.io import (
     standardize_intensity,
 )
 from chexformer.data.scan import (
+    EVAL_LAYOUT,
     IMAGE_EXTENSIONS,
     LAYOUT,
     DatasetLayoutError,
@@ -43,6 +44,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "INTENSITY_PERCENTILES",
     "LAYOUT",
+    "EVAL_LAYOUT",
     "DatasetLayoutError",
     "ImageReadError",
     "PatientOverlapError",

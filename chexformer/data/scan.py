@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "IMAGE_EXTENSIONS",
     "LAYOUT",
+    "EVAL_LAYOUT",
     "DatasetLayoutError",
     "PatientOverlapError",
     "Sample",
@@ -72,11 +73,22 @@ class PatientOverlapError(ValueError):
     """The same patient (or a byte-identical file) is in more than one of train/val/test."""
 
 
+EVAL_LAYOUT = """expected layout (one labelled folder, e.g. DATA_DIR/test):
+  FOLDER/
+    <CLASS_A>/*.png|jpg|dcm ...   (the checkpoint's class names)
+    <CLASS_B>/..."""
+
+
 class DatasetLayoutError(ValueError):
-    """The data folder does not have the expected layout; the message ends with :data:`LAYOUT`."""
+    """The data folder does not have the expected layout; the message ends with ``layout``
+    (:data:`LAYOUT`, the training layout, unless the caller names another)."""
+
+    def __init__(self, message: str, layout: str = LAYOUT) -> None:
+        super().__init__(message)
+        self.layout = layout
 
     def __str__(self) -> str:
-        return f"{self.args[0]}\n{LAYOUT}"
+        return f"{self.args[0]}\n{self.layout}"
 
 
 # ----------------------------------------------------------------------------------------------
