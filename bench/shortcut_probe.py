@@ -18,6 +18,11 @@ This probe measures two things per run, on its validation images (``split.csv``)
    hidden centre makes an image no model has seen, so a low AUC there means the model cannot use the
    periphery alone, while a high one means it can (the asymmetric reading of DeGrave et al. 2021,
    "AI for radiographic COVID-19 detection selects shortcuts over signal").
+3. **Corner cells.** The two top, then the two bottom, corner cells of the heatmap grid filled
+   with the image's mean grey or with black, and per class the mean change of the logit of the
+   calibrated probability, with sensitivity / specificity at the stored cut. Black is what the
+   training affine pads with, before the intensity rule as here (so a large black area also
+   re-stretches the rest of the image); mean grey is no padding the models have seen.
 
     python bench/shortcut_probe.py runs/r128full-s42 runs/r96-s42 ... [--margin 0.15] [--fill mean]
 
@@ -51,18 +56,22 @@ def main() -> None:
         raise SystemExit(f"--margin must lie in (0, 0.5), got {a.margin}")
     print(f"margin {a.margin}, fill {a.fill}; heatmap mass / area share (1.0 = uniform); "
           "AUC and sensitivity / specificity at the stored cut")
-    heatmaps, occlusion = [], []
+    heatmaps, occlusion, corners = [], [], []
     for run in a.runs:
-        maps, scores = _one(run, a)
+        maps, scores, corner_rows = _one(run, a)
         heatmaps += maps
         occlusion.append(scores)
+        corners += corner_rows
     print(f"\n{'run':<20} {'grid':>4} {'map':<8} {'images':<9} {'top corners':>11} {'bottom corners':>14} {'inner':>6}")
     print("\n".join(heatmaps))
     print(f"\n{'run':<20} {'clean AUC; sens/spec':>21} {'band hidden':>21} {'only band kept':>21}")
     print("\n".join(occlusion))
+    print(f"\n{'run':<20} {'corner cells':<14} {'fill':<5} {'logit change NORMAL':>19} "
+          f"{'PNEUMONIA':>9} {'sens/spec':>11}")
+    print("\n".join(corners))
 
 
-def _one(run: Path, a: argparse.Namespace) -> tuple[list[str], str]:
+def _one(run: Path, a: argparse.Namespace) -> tuple[list[str], str, list[str]]:
     pred = Predictor.from_checkpoint(run / "checkpoints" / f"{a.checkpoint}.ckpt", device="cpu",
                                      precision=a.precision)
     if not pred.binary:
@@ -95,7 +104,29 @@ def _one(run: Path, a: argparse.Namespace) -> tuple[list[str], str]:
     rows = suite_table(y, probs, pred.threshold())["rows"]
     scores = " ".join(f"{r['roc_auc']:.3f}; {r['sensitivity']:.3f}/{r['specificity']:.3f}".rjust(21)
                       for r in rows.values())
-    return heatmap_rows, f"{run.name:<20} {scores}"
+
+    corner_rows = []
+    clean_logit = _logit(probs["clean"])
+    for name, cells in (("top", regions[0]), ("bottom", regions[1])):
+        hide = cell_mask(cells, pred.img_size)
+        for fill in ("mean", "black"):
+            p = pred.predict_images(list(occlude(images, hide, fill)))
+            delta = _logit(p) - clean_logit
+            r = suite_table(y, {"clean": probs["clean"], "corners": p}, pred.threshold())["rows"]["corners"]
+            corner_rows.append(f"{run.name:<20} {name:<14} {fill:<5} {delta[y == 0].mean():>+19.2f} "
+                               f"{delta[y == 1].mean():>+9.2f} {r['sensitivity']:.3f}/{r['specificity']:.3f}")
+    return heatmap_rows, f"{run.name:<20} {scores}", corner_rows
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def cell_mask(cells: torch.Tensor, size: int) -> torch.Tensor:
+    """A (grid, grid) boolean mask of heatmap cells as a (size, size) pixel mask (nearest neighbour:
+    cell i covers pixels floor(i * size / grid) up to floor((i + 1) * size / grid))."""
+    return torch.nn.functional.interpolate(cells[None, None].float(), size=(size, size), mode="nearest")[0, 0].bool()
 
 
 def region_masks(grid: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -307,7 +307,8 @@ def _check_shortcut_probe(run):
     probe = _bench_module("shortcut_probe")
     proc = _run(["bench/shortcut_probe.py", str(run), "--margin", "0.2", "--fill", "black"])
     lines = [line for line in proc.stdout.splitlines() if line.startswith(f"{run.name} ")]
-    maps = [line.split() for line in lines if "; " not in line]
+    maps = [line.split() for line in lines if "rollout" in line or "Grad-CAM" in line]
+    corners = [line.split() for line in lines if line.split()[1] in ("top", "bottom")]
     assert [m[2:4] for m in maps] == [["rollout", "NORMAL"], ["rollout", "PNEUMONIA"],
                                       ["Grad-CAM", "NORMAL"], ["Grad-CAM", "PNEUMONIA"]]
     # 64 px: a 2 x 2 grid, its top and bottom corners all of it (mass / area share 1.0), no inner cells
@@ -323,9 +324,21 @@ def _check_shortcut_probe(run):
     centre = probe.band_mask(pred.img_size, 0.2)
     copies = {"clean": images, "band": probe.occlude(images, ~centre, "black"),
               "only band": probe.occlude(images, centre, "black")}
-    rows = suite_table(y, {k: pred.predict_images(list(v)) for k, v in copies.items()}, pred.threshold())["rows"]
+    probs = {k: pred.predict_images(list(v)) for k, v in copies.items()}
+    rows = suite_table(y, probs, pred.threshold())["rows"]
     expected = [r[m] for r in rows.values() for m in ("roc_auc", "sensitivity", "specificity")]
     assert printed == pytest.approx(expected, abs=5e-4)
+
+    # corner cells: at 64 px the 2 x 2 grid's top "corners" are the top half, filled mean, then black
+    assert [c[1:3] for c in corners] == [["top", "mean"], ["top", "black"], ["bottom", "mean"], ["bottom", "black"]]
+    top_half = probe.cell_mask(probe.region_masks(2)[0], pred.img_size)
+    assert top_half[:32].all() and not top_half[32:].any()
+    black = pred.predict_images(list(probe.occlude(images, top_half, "black")))
+    delta = probe._logit(black) - probe._logit(probs["clean"])
+    sens_spec = suite_table(y, {"clean": probs["clean"], "top": black}, pred.threshold())["rows"]["top"]
+    assert float(corners[1][3]) == pytest.approx(delta[y == 0].mean(), abs=0.006)
+    assert float(corners[1][4]) == pytest.approx(delta[y == 1].mean(), abs=0.006)
+    assert corners[1][5] == f"{sens_spec['sensitivity']:.3f}/{sens_spec['specificity']:.3f}"
 
 
 def test_shortcut_probe_regions_masses_and_occlusion():
@@ -347,10 +360,13 @@ def test_shortcut_probe_regions_masses_and_occlusion():
     assert probe.mass_ratio(in_corners, top) == pytest.approx(4.0)
     assert math.isnan(probe.mass_ratio(uniform, probe.region_masks(2)[2]))
 
+    cells = probe.cell_mask(probe.region_masks(3)[1], 9)  # the two bottom corner cells of a 3 x 3 grid, 3 px each
+    assert cells.sum() == 18 and cells[6:, :3].all() and cells[6:, 6:].all() and not cells[:6].any()
+
     centre = probe.band_mask(20, 0.15)  # 3 px along each edge
     assert centre.sum() == 14 * 14 and not centre[2].any() and not centre[:, 17].any() and centre[3, 3]
-    images = torch.stack([torch.full((3, 20, 20), 10, dtype=torch.uint8),
-                          torch.arange(400, dtype=torch.int64).reshape(20, 20).expand(3, 20, 20).clone().to(torch.uint8)])
+    ramp = torch.arange(400, dtype=torch.int64).reshape(20, 20).expand(3, 20, 20).clone().to(torch.uint8)
+    images = torch.stack([torch.full((3, 20, 20), 10, dtype=torch.uint8), ramp])
     mean1 = round(float(images[1].float().mean()))
     band_hidden = probe.occlude(images, ~centre, "mean")
     assert torch.equal(band_hidden[0], images[0])  # a flat image's mean is itself
