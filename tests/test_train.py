@@ -603,6 +603,23 @@ def test_too_small_val_folder_is_set_aside_for_the_patient_split(tmp_path, caplo
     assert dm.val_source == "folder" and len(dm.val_samples) == 60
 
 
+def test_blank_training_images_are_reported_not_silently_learned(tmp_path, caplog):
+    """A 1 x 1 PNG or a blank frame in a class folder trains as that class; the run says so."""
+    from PIL import Image
+
+    root = make_synthetic_dataset(tmp_path / "d", n_per_class=16, img_size=64, seed=0)
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(root / "train" / "NORMAL" / "IM-9998-0001.png")
+    Image.fromarray(np.full((64, 64), 200, np.uint8)).save(root / "train" / "PNEUMONIA" / "person9999_virus_1.png")
+    dm = XrayDataModule(_cfg(root, tmp_path / "o"))
+    with caplog.at_level("WARNING", logger="chexformer"):
+        dm.build_images()
+    suspect = {Path(p).name: r for p, r in dm.summary()["suspect_images"]}
+    assert set(suspect) == {"IM-9998-0001.png", "person9999_virus_1.png"}
+    assert all(r.startswith("blank image") for r in suspect.values())
+    assert "2 image(s) look like no radiograph" in caplog.text
+    assert len(dm.train_samples) + len(dm.val_samples) == 26  # kept, as labelled (24 train of 32 + 2)
+
+
 def test_patient_in_train_and_test_is_an_error_unless_allowed(tmp_path):
     from chexformer.data import PatientOverlapError
 

@@ -54,6 +54,7 @@ class XrayDataModule(L.LightningDataModule):
         self.val_samples: list = []
         self.test_samples: list = []
         self.skipped: list[tuple[Path, str]] = []
+        self.suspect: list[tuple[Path, str]] = []
         self.ignored = 0
         self.val_source = "split"
         self.shared_patients: dict[str, list[str]] = {}
@@ -129,6 +130,7 @@ class XrayDataModule(L.LightningDataModule):
             "shared_patients": self.shared_patients,
             "splits": {k: describe(v, self.class_names) for k, v in splits.items()},
             "skipped": [[str(p), r] for p, r in self.skipped],
+            "suspect_images": [[str(p), r] for p, r in self.suspect],
             "ignored_non_images": self.ignored,
             **({"sharpness": self.sharpness} if self.sharpness else {}),
         }
@@ -163,8 +165,30 @@ class XrayDataModule(L.LightningDataModule):
         self.val_images = XrayDataset(self.val_samples, cfg.img_size, cfg.keep_aspect,
                                            self.transforms(train=False), preload=preload)
         self.train_set, self.val_set = self.train_images, self.val_images
+        self._flag_suspect_images()
         self._measure_sharpness()
         self._built = True
+
+    def _flag_suspect_images(self) -> None:
+        """Preloaded training and validation images whose pixels show they are no radiograph (blank,
+        a handful of grey levels: :func:`chexformer.guard.pixel_problems`), logged and listed in the
+        run summary (``suspect_images``); they stay in the data, as labelled by the user."""
+        from chexformer.guard import pixel_problems  # the guard module needs sklearn: import on use
+
+        for data in (self.train_images, self.val_images):
+            if not data.preloaded:
+                continue
+            for i, sample in enumerate(data.samples):
+                if i in data.failed_indices:
+                    continue
+                reason = pixel_problems([data.uint8(i)])[0]
+                if reason is not None:
+                    self.suspect.append((sample.path, reason))
+        if self.suspect:
+            log.warning("%d image(s) look like no radiograph; they are kept, as labelled, but check them:\n%s",
+                        len(self.suspect), "\n".join(f"  {p}: {r}" for p, r in self.suspect[:20])
+                        + (f"\n  ... and {len(self.suspect) - 20} more (summary.json: data.suspect_images)"
+                           if len(self.suspect) > 20 else ""))
 
     def _measure_sharpness(self, per_class: int = 256) -> None:
         """Each class's median sharpness on (a seeded sample of) the training images at model size,
