@@ -106,21 +106,23 @@ def _one(run: Path, a: argparse.Namespace) -> tuple[list[str], str, list[str]]:
                       for r in rows.values())
 
     corner_rows = []
-    clean_logit = _logit(probs["clean"])
+    _, clean_logit = calibrated(pred, images)
     for name, cells in (("top", regions[0]), ("bottom", regions[1])):
         hide = cell_mask(cells, pred.img_size)
         for fill in ("mean", "black"):
-            p = pred.predict_images(list(occlude(images, hide, fill)))
-            delta = _logit(p) - clean_logit
-            r = suite_table(y, {"clean": probs["clean"], "corners": p}, pred.threshold())["rows"]["corners"]
+            p, z = calibrated(pred, occlude(images, hide, fill))
+            delta = z - clean_logit
+            r = suite_table(y, {"corners": p}, pred.threshold())["rows"]["corners"]
             corner_rows.append(f"{run.name:<20} {name:<14} {fill:<5} {delta[y == 0].mean():>+19.2f} "
                                f"{delta[y == 1].mean():>+9.2f} {r['sensitivity']:.3f}/{r['specificity']:.3f}")
     return heatmap_rows, f"{run.name:<20} {scores}", corner_rows
 
 
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
+def calibrated(pred: Predictor, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's calibrated probability and its logit ``raw / temperature + bias`` (unclipped,
+    unlike a logit taken back from a probability)."""
+    raw = pred.image_logits(list(images))
+    return pred.probabilities(raw), raw.double().numpy()[:, 0] / pred.meta.temperature + pred.meta.bias
 
 
 def cell_mask(cells: torch.Tensor, size: int) -> torch.Tensor:

@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     # ConfigError, DatasetLayoutError and WeightsError are ValueErrors: an input to fix, not a bug.
     except (ValueError, OSError) as exc:  # FileNotFoundError, PermissionError, a full disk, ...
         log.error("%s", exc)
+        log.debug("where it was raised (shown with -v):", exc_info=True)
         return 2
     except Exception as exc:
         from chexformer.data import ImageReadError  # imported only here: printing help needs no torch

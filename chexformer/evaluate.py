@@ -77,9 +77,10 @@ def evaluate_checkpoint(
     With ``shift_suite`` the set is also re-scored under every acquisition shift of the robustness
     suite (:mod:`chexformer.robustness`) at the same threshold; the table goes into
     ``metrics.json["shift_suite"]`` and the report."""
-    if n_boot < 0 or batch_size < 1:
-        raise ValueError(f"--n-boot must be >= 0 (0: no confidence intervals) and batch_size >= 1, "
-                         f"got {n_boot} and {batch_size}")
+    if n_boot < 0:
+        raise ValueError(f"--n-boot must be >= 0 (0: no confidence intervals), got {n_boot}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out_dir)
     plot_dir = out / "plots"
     plot_dir.mkdir(parents=True, exist_ok=True)

@@ -96,6 +96,7 @@ def export_metadata(meta: CheckpointMeta, fmt: str, num_outputs: int, img_size: 
     size = int(img_size if img_size is not None else meta.config.img_size)
     binary = num_outputs == 1
     positive = meta.positive_class if binary else None
+    equalize = getattr(meta.config, "intensity", "stretch") == "equalize"
     if binary:
         probability = "p = sigmoid(logits[:, 0] / temperature + bias) is the probability of positive_class"
         decision = "predict positive_class (class_names[1]) when p >= threshold, else class_names[0]"
@@ -114,6 +115,7 @@ def export_metadata(meta: CheckpointMeta, fmt: str, num_outputs: int, img_size: 
         "bias": float(meta.bias),
         "intensity_percentiles": [float(v) for v in INTENSITY_PERCENTILES],
         "keep_aspect": bool(meta.config.keep_aspect),
+        "intensity": "stretch, equalize" if equalize else "stretch",
         "mean": [float(v) for v in meta.mean],
         "std": [float(v) for v in meta.std],
         "img_size": size,
@@ -123,12 +125,16 @@ def export_metadata(meta: CheckpointMeta, fmt: str, num_outputs: int, img_size: 
             "dtype": "float32",
             "layout": "NCHW",
             "preprocess": (
-                "grey values at the file's own depth (colour as ITU-R 601 luma); the image's own "
-                "intensity_percentiles mapped linearly to 0..255, rounded and clipped to 8 bits; resized "
-                f"(bilinear) to {size}x{size}" + (", the longer side first, centred on black" if meta.config.keep_aspect
-                                                   else "") +
-                "; the same percentile mapping again on the resized image; grey copied to 3 channels; "
-                "scaled to [0, 1]; then (x - mean) / std per channel"
+                "grey values at the file's own depth (colour as ITU-R 601 luma; DICOM through its modality "
+                "and VOI LUTs or window, MONOCHROME1 inverted); the image's own intensity_percentiles mapped "
+                "linearly to 0..255, rounded and clipped to 8 bits; resized (bilinear) to "
+                f"{size}x{size}" + (", the longer side first, centred on black" if meta.config.keep_aspect else "")
+                + "; the same percentile mapping again on the resized image"
+                + ("; global histogram equalisation (torchvision.transforms.v2.functional.equalize)"
+                   if equalize else "")
+                + "; grey copied to 3 channels; scaled to [0, 1]; then (x - mean) / std per channel. chexformer "
+                "decodes large JPEGs at a reduced scale (never below the model size) before this, which moves "
+                "probabilities slightly"
             ),
         },
         "output": {"name": OUTPUT_NAME, "shape": ["batch", num_outputs], "dtype": "float32"},

@@ -114,10 +114,14 @@ def check_output_file(path: str | os.PathLike, protect: Iterable[str | os.PathLi
         if Path(other).resolve() == target:
             raise ValueError(f"output {out} is also an input of this command ({other}); writing it would "
                              "destroy that input. Choose another output file.")
+    if out.exists():  # replaced in place (/dev/null too): the file itself must be writable
+        if not os.access(out, os.W_OK):
+            raise ValueError(f"output {out} is not writable")
+        return out
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ValueError(f"cannot create the folder of output {out}: {exc.strerror or exc}") from None
-    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise ValueError(f"output {out} is not writable here")
+    if not os.access(out.parent, os.W_OK):
+        raise ValueError(f"output {out}: its folder is not writable")
     return out

@@ -106,7 +106,7 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
     refuse_to_overwrite(run, resume)
     if cfg.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"accelerator={cfg.accelerator} was asked for, but torch sees no CUDA GPU on this machine; "
-                          "use --accelerator cpu (or auto)")
+                          "use --accelerator cpu or auto (mps on Apple silicon)")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = build_data(cfg)
     accelerator = resolve_accelerator(cfg.accelerator)
@@ -165,7 +165,8 @@ def check_resumable(run: RunFolder, module: ChexFormerModule, cfg: Config) -> No
     raise ConfigError(
         f"--resume: {run.last} holds another model than this config builds ({len(differing)} tensors differ, "
         f"e.g. {differing[0]}: {theirs.get(differing[0])} in the checkpoint, {mine.get(differing[0])} now). "
-        + (f"Changed options: {'; '.join(changed)}. " if changed else "")
+        + (f"Options that differ from the run's (not all change the model): {'; '.join(changed)}. "
+           if changed else "")
         + "Resume without the options that change the model, or train into a new --out-dir."
     )
 

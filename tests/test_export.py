@@ -189,16 +189,21 @@ def test_bad_requests_raise_export_error(binary, tiny_cfg, tmp_path):
         load_exported_metadata(tmp_path / "missing.onnx")
 
 
-def test_following_the_exported_metadata_alone_reproduces_predict(binary, tmp_path):
-    """A deployer with the exported file, its metadata and only PIL and NumPy gets the probability and
-    label `chexformer predict` gives, on a 16-bit PNG of another size: the metadata must carry the
-    Platt bias and the intensity rule, not only the temperature."""
+@pytest.mark.parametrize("intensity", ["stretch", "equalize"])
+def test_following_the_exported_metadata_alone_reproduces_predict(binary, tmp_path, intensity):
+    """A deployer with the exported file, its metadata and only PIL and NumPy (and the equalisation
+    it names) gets the probability and label `chexformer predict` gives, on a 16-bit PNG of another
+    size: the metadata must carry the Platt bias and the intensity rule, not only the temperature."""
+    import dataclasses
+
     from PIL import Image
+    from torchvision.transforms.v2.functional import equalize
 
     from chexformer.inference import Predictor
 
     model, meta = binary
     meta.bias = -0.8
+    meta.config = dataclasses.replace(meta.config, intensity=intensity)
     path = export_model(model, meta, "torchscript", tmp_path / "model.pt")
     md = load_exported_metadata(path)
     assert md["bias"] == pytest.approx(-0.8) and "bias" in md["probability"]
@@ -215,6 +220,10 @@ def test_following_the_exported_metadata_alone_reproduces_predict(binary, tmp_pa
     s = md["img_size"]
     x = stretch(np.asarray(Image.fromarray(stretch(np.asarray(Image.open(tmp_path / "x.png"))))
                            .resize((s, s), Image.Resampling.BILINEAR)))
+    assert md["intensity"] == ("stretch, equalize" if intensity == "equalize" else "stretch")
+    assert ("equalisation" in md["input"]["preprocess"]) == (intensity == "equalize")
+    if intensity == "equalize":
+        x = equalize(torch.from_numpy(x)[None]).numpy()[0]
     x = (np.repeat(x[None].astype(np.float32) / 255, 3, axis=0) - np.array(md["mean"], np.float32)[:, None, None]) \
         / np.array(md["std"], np.float32)[:, None, None]
     with torch.no_grad():

@@ -54,7 +54,7 @@ class XrayDataModule(L.LightningDataModule):
         self.val_samples: list = []
         self.test_samples: list = []
         self.skipped: list[tuple[Path, str]] = []
-        self.suspect: list[tuple[Path, str]] = []
+        self.suspect: list[tuple[Path, str]] | None = []  # None: not checked (images not preloaded)
         self.ignored = 0
         self.val_source = "split"
         self.shared_patients: dict[str, list[str]] = {}
@@ -130,7 +130,7 @@ class XrayDataModule(L.LightningDataModule):
             "shared_patients": self.shared_patients,
             "splits": {k: describe(v, self.class_names) for k, v in splits.items()},
             "skipped": [[str(p), r] for p, r in self.skipped],
-            "suspect_images": [[str(p), r] for p, r in self.suspect],
+            "suspect_images": None if self.suspect is None else [[str(p), r] for p, r in self.suspect],
             "ignored_non_images": self.ignored,
             **({"sharpness": self.sharpness} if self.sharpness else {}),
         }
@@ -172,12 +172,15 @@ class XrayDataModule(L.LightningDataModule):
     def _flag_suspect_images(self) -> None:
         """Preloaded training and validation images whose pixels show they are no radiograph (blank,
         a handful of grey levels: :func:`chexformer.guard.pixel_problems`), logged and listed in the
-        run summary (``suspect_images``); they stay in the data, as labelled by the user."""
+        run summary (``suspect_images``; null when the images are not preloaded, so not checked);
+        they stay in the data, as labelled by the user."""
         from chexformer.guard import pixel_problems  # the guard module needs sklearn: import on use
 
+        if not (self.train_images.preloaded and self.val_images.preloaded):
+            log.info("images not preloaded: not checked for blank frames (summary.json: suspect_images null)")
+            self.suspect = None
+            return
         for data in (self.train_images, self.val_images):
-            if not data.preloaded:
-                continue
             for i, sample in enumerate(data.samples):
                 if i in data.failed_indices:
                     continue
