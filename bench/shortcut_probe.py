@@ -21,8 +21,9 @@ This probe measures two things per run, on its validation images (``split.csv``)
 3. **Corner cells.** The two top, then the two bottom, corner cells of the heatmap grid filled
    with the image's mean grey or with black, and per class the mean change of the logit of the
    calibrated probability, with sensitivity / specificity at the stored cut. Black is what the
-   training affine pads with, before the intensity rule as here (so a large black area also
-   re-stretches the rest of the image); mean grey is no padding the models have seen.
+   training affine pads with; mean grey is no padding the models have seen. Both go in before the
+   intensity rule, as the padding does; the images were already stretched to 0..255 when decoded,
+   so black barely re-stretches the rest of the image.
 
     python bench/shortcut_probe.py runs/r128full-s42 runs/r96-s42 ... [--margin 0.15] [--fill mean]
 
