@@ -312,8 +312,11 @@ def test_runtime_options_are_checked_by_name(ckpt, tmp_path, caplog):
     assert main(["predict", "--checkpoint", str(ckpt), "--output", str(tmp_path / "p.csv"), "--device", "banana",
                  str(tmp_path / "in" / "a.png")]) == 2
     assert "--device must be auto, cpu or cuda[:N]" in caplog.text
-    for option, value, message in (("--devices", "foo", "devices must be 'auto'"), ("--seed", "-5", "seed must lie"),
-                                   ("--init-lr", "inf", "init_lr must be a finite number")):
+    checks = [("--devices", "foo", "devices must be 'auto'"), ("--seed", "-5", "seed must lie"),
+              ("--init-lr", "inf", "init_lr must be a finite number")]
+    if not torch.cuda.is_available():
+        checks.append(("--accelerator", "gpu", "torch sees no CUDA GPU"))
+    for option, value, message in checks:
         caplog.clear()
         assert main(["train", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "run"), option, value]) == 2
         assert message in caplog.text
@@ -326,3 +329,16 @@ def test_evaluate_on_a_bad_folder_shows_the_folder_layout_not_the_training_one(c
                  "--out-dir", str(tmp_path / "ev")]) == 2
     assert "no class sub-folders" in caplog.text and "one labelled folder" in caplog.text
     assert "train/<CLASS_A>" not in caplog.text
+
+
+def test_a_system_error_is_one_message_with_the_traceback_only_under_verbose(ckpt, tmp_path, caplog):
+    """An OSError from the system (here: a folder to create below a file) ends as one logged error
+    and exit status 2; with -v the traceback is logged too, for whoever debugs it."""
+    _write_inputs(tmp_path / "in")
+    out_dir = str(tmp_path / "in" / "a.png" / "ev")
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "in"), "--out-dir", out_dir]) == 2
+    assert "Not a directory" in caplog.text and "Traceback" not in caplog.text
+    caplog.clear()
+    assert main(["-v", "evaluate", "--checkpoint", str(ckpt), "--data-dir", str(tmp_path / "in"),
+                 "--out-dir", out_dir]) == 2
+    assert "Traceback" in caplog.text
