@@ -449,3 +449,27 @@ def test_ssl_pretrain_writes_a_backbone_the_recipe_loads_from_training_patients_
     assert ssl.simsiam_loss(p, p, p, p).item() == pytest.approx(-1.0, abs=1e-6)
     ssl.simsiam_loss(p, z, p, z).backward()
     assert p.grad is not None and p.grad.abs().sum() > 0 and z.grad is None  # no gradient through z
+
+
+def test_corner_darkness_counts_the_images_with_dark_corners_per_class(tmp_path):
+    """bench/corner_darkness.py: two of four A images have black bottom corner cells, no B image has."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls, n in (("A", 4), ("B", 3)):
+        (tmp_path / cls).mkdir()
+        for i in range(n):
+            img = rng.integers(100, 200, (64, 64), dtype=np.uint8)
+            if cls == "A" and i < 2:
+                img[48:, :16] = img[48:, 48:] = 0
+            Image.fromarray(img).save(tmp_path / cls / f"{i}.png")
+    out = _run(["bench/corner_darkness.py", str(tmp_path), "--img-size", "64"]).stdout.splitlines()
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in out if line[:2] in ("A ", "B ")}
+    # the noise's darkest pixels go to 0 under the intensity rule: a few percent dark everywhere
+    assert rows["A"][:2] == [4, 0.0] and rows["A"][3] == 0.5 and 0.5 <= rows["A"][4] < 0.55
+    assert rows["B"][0] == 3 and rows["B"][1] == rows["B"][3] == 0.0 and rows["B"][4] < 0.05
+    probe = _bench_module("corner_darkness")
+    grey = np.full((8, 8), 200, np.uint8)
+    grey[:2, :2] = 3
+    assert probe.dark_shares(grey) == (0.5, 0.0)
