@@ -4,10 +4,15 @@ Each image of ``FOLDER/<CLASS>/`` is decoded as every command decodes it (the in
 the resize to ``--img-size``), and the pixels at grey ``<= --level`` are counted in the two top and
 the two bottom corner cells (a quarter of the side each, the heatmap cells of a 128 px model).
 Per class: the share of images whose top, or bottom, corner cells are at least ``--share`` dark, and
-the mean dark share. A field of view or collimation that differs between the classes shows here;
-``bench/shortcut_probe.py`` asks whether the models read the corners.
+the mean dark share. A field of view or collimation that differs between the classes shows here.
 
-    python bench/corner_darkness.py ../shared/data/kermany224/train [--every 1] [--img-size 128]
+With ``--runs RUN...`` it then asks each trained run whether it reads that cue: on the run's
+validation images (``split.csv``) whose bottom corner cells are at least ``--share`` dark, the dark
+pixels there are set to the image's mean grey, and the mean change of the calibrated logit is
+printed per class, with the specificity / sensitivity of those images at the stored cut before and
+after. A model that reads dark corners as normal moves those normals towards pneumonia.
+
+    python bench/corner_darkness.py ../shared/data/kermany224/train [--every 1] [--img-size 128] [--runs RUN...]
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ def main() -> None:
     p.add_argument("--every", type=int, default=1, help="take every k-th image of each class (default: all)")
     p.add_argument("--level", type=int, default=5, help="grey level at or below which a pixel counts as dark")
     p.add_argument("--share", type=float, default=0.25, help="dark share that makes a corner pair dark")
+    p.add_argument("--runs", type=Path, nargs="*", default=[], help="runs to ask whether they read dark corners")
     a = p.parse_args()
     classes = sorted(d for d in a.folder.iterdir() if d.is_dir()) if a.folder.is_dir() else []
     if not classes:
@@ -43,6 +49,57 @@ def main() -> None:
         top, bottom = shares[:, 0], shares[:, 1]
         print(f"{folder.name:<12} {len(files):>6} {np.mean(top >= a.share):>9.3f} {top.mean():>10.3f} "
               f"{np.mean(bottom >= a.share):>12.3f} {bottom.mean():>13.3f}")
+    if a.runs:
+        print("\nvalidation images with dark bottom corners, their dark corner pixels set to the image's mean "
+              "grey: mean change of the calibrated logit; spec (class 0) or sens (class 1) at the stored cut, "
+              "before -> after")
+        for run in a.runs:
+            print(reads_dark_corners(run, a.level, a.share))
+
+
+def reads_dark_corners(run: Path, level: int, share: float) -> str:
+    import torch
+
+    from chexformer.data import XrayDataset, read_split_csv
+    from chexformer.inference import Predictor
+
+    pred = Predictor.from_checkpoint(run / "checkpoints" / "best.ckpt", device="cpu", precision="32")
+    data = XrayDataset(read_split_csv(run / "split.csv", "val"), pred.img_size, pred.cfg.keep_aspect, preload=True)
+    images = torch.stack([data.uint8(i) for i in range(len(data))])
+    y = np.asarray(data.labels)
+    dark = np.array([dark_shares(img[0].numpy(), level)[1] >= share for img in images])
+    picked, labels = images[torch.from_numpy(dark)], y[dark]
+    before, after = (calibrated_logits(pred, x) for x in (picked, brighten_bottom_corners(picked, level)))
+    cut = np.log(pred.threshold() / (1 - pred.threshold()))  # the stored cut as a calibrated logit
+    parts = []
+    for c, name in enumerate(pred.meta.class_names):
+        m = labels == c
+        if not m.any():
+            parts.append(f"{name} 0")
+            continue
+        right_before, right_after = (np.mean((z[m] >= cut) == bool(c)) for z in (before, after))
+        parts.append(f"{name} {int(m.sum())} of {int((y == c).sum())}: {np.mean(after[m] - before[m]):+.2f}; "
+                     f"{right_before:.3f} -> {right_after:.3f}")
+    return f"{run.name:<20} " + "   ".join(parts)
+
+
+def calibrated_logits(pred, images) -> np.ndarray:
+    """Each image's calibrated logit ``raw / temperature + bias`` (binary model)."""
+    raw = pred.image_logits(list(images)).double().numpy()[:, 0]
+    return raw / pred.meta.temperature + pred.meta.bias
+
+
+def brighten_bottom_corners(images, level: int = 5):
+    """uint8 images (N, C, S, S) with the pixels ``<= level`` in the two bottom corner cells set to
+    each image's mean grey level."""
+    import torch
+
+    s = images.shape[-1]
+    c = s // 4
+    cells = torch.zeros(s, s, dtype=torch.bool)
+    cells[s - c:, :c] = cells[s - c:, s - c:] = True
+    value = images.float().mean(dim=(1, 2, 3), keepdim=True).round().to(torch.uint8).expand_as(images)
+    return torch.where(cells & (images <= level), value, images)
 
 
 def dark_shares(grey: np.ndarray, level: int = 5) -> tuple[float, float]:

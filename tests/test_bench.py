@@ -164,6 +164,31 @@ def test_generalisation_report_and_threshold_epochs_on_two_tiny_seeds(tmp_path):
     assert ["cpu", "bf16-mixed"] == rows[-1][:2] and len(rows) == (4 if __import__("torch").cuda.is_available() else 2)
     _check_sharpness_reliance(runs / "tiny-s0")
     _check_shortcut_probe(runs / "tiny-s0")
+    _check_corner_darkness(runs / "tiny-s0", data / "train")
+
+
+def _check_corner_darkness(run, folder):
+    """bench/corner_darkness.py --runs: with --share 0 every validation image counts as dark-cornered,
+    and the printed logit change is the run's own scoring of the images with dark corner pixels lifted."""
+    import numpy as np
+    import torch
+
+    from chexformer.data import XrayDataset, read_split_csv
+    from chexformer.inference import Predictor
+
+    module = _bench_module("corner_darkness")
+    proc = _run(["bench/corner_darkness.py", str(folder), "--img-size", "64", "--share", "0", "--level", "60",
+                 "--runs", str(run)])
+    line = next(line for line in proc.stdout.splitlines() if line.startswith(f"{run.name} "))
+    pred = Predictor.from_checkpoint(run / "checkpoints" / "best.ckpt", device="cpu")
+    ds = XrayDataset(read_split_csv(run / "split.csv", "val"), pred.img_size, pred.cfg.keep_aspect, preload=True)
+    images, y = torch.stack([ds.uint8(i) for i in range(len(ds))]), np.array(ds.labels)
+    lifted = module.brighten_bottom_corners(images, 60)
+    assert not torch.equal(lifted, images)  # synthetic images have pixels <= 60 in their bottom corners
+    delta = module.calibrated_logits(pred, lifted) - module.calibrated_logits(pred, images)
+    for c, name in enumerate(pred.meta.class_names):
+        n, change = re.search(rf"{name} (\d+) of (\d+): ([+-]\d\.\d\d);", line).group(1, 3)
+        assert int(n) == (y == c).sum() and float(change) == pytest.approx(delta[y == c].mean(), abs=0.006)
 
 
 def _bench_module(name: str):
@@ -473,3 +498,11 @@ def test_corner_darkness_counts_the_images_with_dark_corners_per_class(tmp_path)
     grey = np.full((8, 8), 200, np.uint8)
     grey[:2, :2] = 3
     assert probe.dark_shares(grey) == (0.5, 0.0)
+    import torch
+
+    flipped = np.ascontiguousarray(grey[::-1])  # dark in the bottom left cell, lifted to the mean grey
+    images = torch.from_numpy(np.stack([flipped, flipped]))[:, None].expand(2, 3, 8, 8).contiguous()
+    lifted = probe.brighten_bottom_corners(images, 5)
+    mean = round(float(images[0].float().mean()))
+    assert (lifted[:, :, 6:, :2] == mean).all() and torch.equal(lifted[:, :, :6], images[:, :, :6])
+    assert torch.equal(lifted[:, :, 6:, 2:], images[:, :, 6:, 2:])
