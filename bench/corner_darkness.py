@@ -84,9 +84,8 @@ def reads_dark_corners(run: Path, level: int, share: float) -> str:
 
 
 def calibrated_logits(pred, images) -> np.ndarray:
-    """Each image's calibrated logit ``raw / temperature + bias`` (binary model)."""
-    raw = pred.image_logits(list(images)).double().numpy()[:, 0]
-    return raw / pred.meta.temperature + pred.meta.bias
+    """Each image's calibrated logit (:meth:`chexformer.inference.Predictor.calibrated_logits`)."""
+    return pred.calibrated_logits(pred.image_logits(list(images)))
 
 
 def brighten_bottom_corners(images, level: int = 5):
@@ -94,12 +93,13 @@ def brighten_bottom_corners(images, level: int = 5):
     each image's mean grey level."""
     import torch
 
+    from chexformer.shifts import fill_masked
+
     s = images.shape[-1]
     c = s // 4
     cells = torch.zeros(s, s, dtype=torch.bool)
     cells[s - c:, :c] = cells[s - c:, s - c:] = True
-    value = images.float().mean(dim=(1, 2, 3), keepdim=True).round().to(torch.uint8).expand_as(images)
-    return torch.where(cells & (images <= level), value, images)
+    return fill_masked(images, cells & (images <= level))
 
 
 def dark_shares(grey: np.ndarray, level: int = 5) -> tuple[float, float]:

@@ -43,6 +43,7 @@ from chexformer.data import XrayDataset, read_split_csv
 from chexformer.explain import explain_batch
 from chexformer.inference import Predictor
 from chexformer.robustness import suite_table
+from chexformer.shifts import fill_masked as occlude  # (N, C, S, S) images, a (S, S) mask
 
 
 def main() -> None:
@@ -120,10 +121,9 @@ def _one(run: Path, a: argparse.Namespace) -> tuple[list[str], str, list[str]]:
 
 
 def calibrated(pred: Predictor, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Each image's calibrated probability and its logit ``raw / temperature + bias`` (unclipped,
-    unlike a logit taken back from a probability)."""
+    """Each image's calibrated probability and its calibrated logit (:meth:`Predictor.calibrated_logits`)."""
     raw = pred.image_logits(list(images))
-    return pred.probabilities(raw), raw.double().numpy()[:, 0] / pred.meta.temperature + pred.meta.bias
+    return pred.probabilities(raw), pred.calibrated_logits(raw)
 
 
 def cell_mask(cells: torch.Tensor, size: int) -> torch.Tensor:
@@ -162,16 +162,6 @@ def band_mask(size: int, margin: float) -> torch.Tensor:
     centre = torch.zeros(size, size, dtype=torch.bool)
     centre[b:size - b, b:size - b] = True
     return centre
-
-
-def occlude(images: torch.Tensor, hide: torch.Tensor, fill: str) -> torch.Tensor:
-    """uint8 images (N, C, S, S) with the pixels where ``hide`` is True set to each image's mean grey
-    level (``fill='mean'``) or to 0 (``'black'``)."""
-    if fill == "mean":
-        value = images.float().mean(dim=(1, 2, 3), keepdim=True).round().to(torch.uint8)
-    else:
-        value = torch.zeros(len(images), 1, 1, 1, dtype=torch.uint8)
-    return torch.where(hide, value.expand_as(images), images)
 
 
 if __name__ == "__main__":

@@ -218,6 +218,12 @@ class Predictor:
             return metrics.apply_platt(lg.reshape(len(lg), -1)[:, 0], self.meta.temperature, self.meta.bias)
         return metrics.apply_temperature(lg, self.meta.temperature, multiclass=True)
 
+    def calibrated_logits(self, logits: torch.Tensor | np.ndarray) -> np.ndarray:
+        """Step 4 before the sigmoid, binary models: ``logit / temperature + bias``, (N,), float64;
+        unlike a logit taken back from a probability, never clipped."""
+        lg = np.asarray(logits, dtype=np.float64)
+        return lg.reshape(len(lg), -1)[:, 0] / self.meta.temperature + self.meta.bias
+
     def threshold(self, tta: bool = False) -> float | None:
         """The stored decision threshold (binary); with ``tta`` the one chosen on validation
         predictions made with the same TTA views, when the checkpoint has it."""

@@ -36,6 +36,7 @@ __all__ = [
     "border",
     "crop",
     "downscale",
+    "fill_masked",
     "gamma",
     "jpeg",
     "noise",
@@ -193,19 +194,29 @@ class RandomAcquisition(torch.nn.Module):
         return f"p={self.p}, strength={self.strength}"
 
 
+def fill_masked(x: torch.Tensor, mask: torch.Tensor, fill: str = "mean") -> torch.Tensor:
+    """uint8 image(s) (..., C, H, W) with the pixels where ``mask`` is True (broadcast against ``x``)
+    set to each image's mean grey level (``fill='mean'``: no new edge of black or white) or to 0
+    (``'black'``, the training affine's padding)."""
+    if fill == "mean":
+        value = x.float().mean(dim=(-3, -2, -1), keepdim=True).round().to(x.dtype)
+    elif fill == "black":
+        value = torch.zeros((), dtype=x.dtype)
+    else:
+        raise ValueError(f"fill must be 'mean' or 'black', got {fill!r}")
+    return torch.where(mask, value.expand_as(x), x)
+
+
 def hide_edges(x: torch.Tensor, fractions: tuple[float, float, float, float]) -> torch.Tensor:
     """uint8 image (C, H, W) with bands along its top, bottom, left and right edges, ``fractions`` of
-    the height or width wide, set to the image's mean grey level (no new edge of black or white)."""
+    the height or width wide, set to the image's mean grey level (:func:`fill_masked`)."""
     _, h, w = x.shape
     top, bottom = round(fractions[0] * h), round(fractions[1] * h)
     left, right = round(fractions[2] * w), round(fractions[3] * w)
-    out = x.clone()
-    value = x.float().mean().round().to(x.dtype)
-    out[:, :top] = value
-    out[:, h - bottom:] = value
-    out[:, :, :left] = value
-    out[:, :, w - right:] = value
-    return out
+    band = torch.zeros(h, w, dtype=torch.bool)
+    band[:top] = band[h - bottom:] = True
+    band[:, :left] = band[:, w - right:] = True
+    return fill_masked(x, band)
 
 
 class RandomEdgeOcclusion(torch.nn.Module):
