@@ -133,8 +133,8 @@ def export_metadata(meta: CheckpointMeta, fmt: str, num_outputs: int, img_size: 
                 + ("; global histogram equalisation (torchvision.transforms.v2.functional.equalize)"
                    if equalize else "")
                 + "; grey copied to 3 channels; scaled to [0, 1]; then (x - mean) / std per channel. chexformer "
-                "decodes large JPEGs at a reduced scale (never below the model size) before this, which moves "
-                "probabilities slightly"
+                "decodes large JPEGs at a reduced scale (never below the model size) before this, so a JPEG "
+                "decoded at full size may score a little differently (not measured)"
             ),
         },
         "output": {"name": OUTPUT_NAME, "shape": ["batch", num_outputs], "dtype": "float32"},
