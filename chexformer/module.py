@@ -115,6 +115,9 @@ class ChexFormerModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y, _ = batch
+        if self.current_epoch < self.cfg.low_res_epochs:
+            side = self.cfg.low_res_size
+            x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
         if self.cfg.mixup_alpha > 0:
             x, perm, lam = mixup(x, self.cfg.mixup_alpha)
             logits = self._logits(x)
@@ -134,6 +137,10 @@ class ChexFormerModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._log_grads = True
         self._train_out = []
+        k = self.cfg.low_res_epochs
+        if k and self.current_epoch in (0, k):
+            side = self.cfg.low_res_size if self.current_epoch < k else self.cfg.img_size
+            log.info("low_res_epochs=%d: epoch %d trains at %d px", k, self.current_epoch + 1, side)
 
     def on_train_epoch_end(self) -> None:
         """This epoch's training loss, accuracy and AUC (as trained: augmented, dropout on), kept

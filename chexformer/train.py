@@ -215,6 +215,10 @@ def build_module(cfg: Config, dm: XrayDataModule, run: RunFolder, precision: str
         cache_dir = None
         if cfg.cache_features == "disk":
             cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run.out / "feature_cache"
+        if cfg.low_res_epochs:
+            raise ConfigError("low_res_epochs scales training images down, but with a frozen backbone and "
+                              f"cache_features={cfg.cache_features} training reads cached backbone maps: set "
+                              "cache_features off, or low_res_epochs 0")
         dm.cache_request = {"model": model, "cache_dir": cache_dir, "precision": precision}  # built in setup()
         module.use_features = True
     if cfg.compile:

@@ -1249,3 +1249,31 @@ def test_the_first_process_of_another_node_is_not_rank_zero_before_the_trainer(t
     cfg = _cfg(tiny_data, tmp_path / "node1")
     prepare_run_folder(RunFolder(tmp_path / "node1"), cfg, build_data(cfg))
     assert not (tmp_path / "node1" / "config.yaml").exists()  # node 0 writes it
+
+
+def test_low_res_epochs_train_the_first_epochs_smaller_and_validate_at_full_size(tiny_data, tmp_path, monkeypatch,
+                                                                                  caplog):
+    from chexformer.module import ChexFormerModule
+    seen = []
+    logits = ChexFormerModule._logits
+
+    def record(self, x):
+        seen.append((self.current_epoch, self.training, tuple(x.shape[-2:])))
+        return logits(self, x)
+
+    monkeypatch.setattr(ChexFormerModule, "_logits", record)
+    with caplog.at_level("INFO", logger="chexformer"):
+        summary = train(_cfg(tiny_data, tmp_path / "lowres", epochs=3, low_res_epochs=2, low_res_size=32),
+                        evaluate=False)
+    sides = {}
+    for epoch, training, side in seen:
+        sides.setdefault((epoch, training), set()).add(side)
+    assert sides[(0, True)] == sides[(1, True)] == {(32, 32)}
+    assert sides[(2, True)] == {(64, 64)}
+    assert all(side == {(64, 64)} for (_, training), side in sides.items() if not training)  # validation
+    assert summary["epochs_run"] == 3
+    assert "low_res_epochs=2: epoch 1 trains at 32 px" in caplog.text
+    assert "low_res_epochs=2: epoch 3 trains at 64 px" in caplog.text
+    for bad in ({"low_res_size": 64}, {"low_res_size": 48}, {"low_res_epochs": -1}):
+        with pytest.raises(ConfigError, match="low_res"):
+            Config(**{**TINY, "low_res_epochs": 1, **bad}).validate()
