@@ -26,6 +26,7 @@ from chexformer import data, metrics, plots, report
 from chexformer.card import model_card
 from chexformer.checkpoint import CheckpointMeta
 from chexformer.explain import explain_batch
+from chexformer.guard import population_verdicts
 from chexformer.inference import Predictor
 from chexformer.predict import prediction_columns
 from chexformer.robustness import format_table, shift_suite_logits, suite_table
@@ -118,7 +119,16 @@ def evaluate_checkpoint(
         results["shift_suite"] = table
         log.info("robustness suite at threshold %.4f:\n%s", threshold, format_table(table))
     warnings: list[str] = []
-    ood = predictor.ood_scores([dataset.uint8(i) for i in keep]) if predictor.guard is not None else None
+    images = [dataset.uint8(i) for i in keep]
+    ood = predictor.ood_scores(images) if predictor.guard is not None else None
+    verdicts, problems = population_verdicts(images, predictor.guard, ood)
+    del images
+    if any(problems):
+        blank = [(samples[i].path, p) for i, p in zip(keep, problems) if p is not None]
+        warnings.append(f"{len(blank)} of {len(keep)} images look like no radiograph (column 'warning' of "
+                        f"predictions.csv), e.g. {blank[0][0]}: {blank[0][1]}")
+        log.warning("%d of %d images look like no radiograph; they are scored with the rest (column 'warning' of "
+                    "predictions.csv):\n%s", len(blank), len(keep), "\n".join(f"  {p}: {why}" for p, why in blank[:50]))
     if ood is not None:
         flagged = predictor.guard.flag(ood)
         results["guard"] = {"threshold": predictor.guard.threshold, "n_flagged": int(flagged.sum()),
@@ -145,8 +155,8 @@ def evaluate_checkpoint(
     results["data_dir"] = str(data_dir)
     results["skipped"] = skipped
     (out / "metrics.json").write_text(json.dumps(results, indent=2))
-    _write_predictions(out / "predictions.csv", [samples[i] for i in keep], prob, threshold, meta, ood,
-                       predictor.guard)
+    _write_predictions(out / "predictions.csv", [samples[i] for i in keep], prob, threshold, meta, ood, verdicts,
+                       problems)
 
     # --- plots --------------------------------------------------------------------------------------
     figs: dict[str, Any] = {}
@@ -253,11 +263,14 @@ def _headline(results: dict[str, Any]) -> str:
 
 
 def _write_predictions(path: Path, samples, prob: np.ndarray, threshold: float | None, meta: CheckpointMeta,
-                       ood: np.ndarray | None = None, guard=None) -> None:
+                       ood: np.ndarray | None, verdicts: list[bool | None], problems: list[str | None]) -> None:
     """predict's CSV schema plus the truth: path, patient, true_label, prob_<class>..., predicted_label,
-    threshold (+ ood_score, in_distribution with a guard)."""
+    threshold (+ ood_score, in_distribution with a guard; + warning where an image looks like no
+    radiograph, :func:`chexformer.guard.population_verdicts`)."""
     names = meta.class_names
-    cols = prediction_columns(names, ["ood_score", "in_distribution"] if ood is not None else [])
+    extra = ["ood_score", "in_distribution"] if ood is not None else []
+    extra += ["warning"] if any(problems) else []
+    cols = prediction_columns(names, extra)
     cols = cols[:1] + ["patient", "true_label"] + [c for c in cols[1:] if c != "error"]
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cols)
@@ -270,7 +283,9 @@ def _write_predictions(path: Path, samples, prob: np.ndarray, threshold: float |
                    "predicted_label": names[pred],
                    "threshold": "" if threshold is None else f"{threshold:.6f}"}
             if ood is not None:
-                row.update(ood_score=f"{ood[k]:.6f}", in_distribution=bool(not guard.flag(ood[k:k + 1])[0]))
+                row.update(ood_score=f"{ood[k]:.6f}", in_distribution=verdicts[k])
+            if problems[k] is not None:
+                row["warning"] = problems[k]
             writer.writerow(row)
 
 

@@ -46,7 +46,7 @@ from sklearn.decomposition import PCA
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Guard", "fit_guard", "pooled_features", "pixel_problems", "GUARD_LAYERS"]
+__all__ = ["Guard", "fit_guard", "pooled_features", "pixel_problems", "population_verdicts", "GUARD_LAYERS"]
 
 GUARD_VERSION = 1
 GUARD_LAYERS = ("denseblock1", "denseblock2", "denseblock3", "norm5")
@@ -106,6 +106,21 @@ def pixel_problems(images: Sequence[torch.Tensor]) -> list[str | None]:
         else:
             reasons.append(None)
     return reasons
+
+
+def population_verdicts(images: Sequence[torch.Tensor], guard: Guard | None = None,
+                        ood: np.ndarray | Sequence[float] | None = None) -> tuple[list[bool | None], list[str | None]]:
+    """Whether each uint8 image belongs to the training population, and why not when its pixels say so.
+
+    ``in_distribution`` is False where :func:`pixel_problems` finds a reason (guard or not: no
+    radiograph, whatever the score) or the guard flags the image's ``ood`` score, True where the
+    guard passes it, None without a guard (or without scores) and with clean pixels. The reasons
+    are :func:`pixel_problems`' (the ``warning`` of predict, explain and the API). The one rule of
+    predict, evaluate and serve."""
+    problems = pixel_problems(images)
+    flags = guard.flag(ood) if guard is not None and ood is not None else [None] * len(problems)
+    verdicts = [False if p is not None else (None if f is None else not bool(f)) for p, f in zip(problems, flags)]
+    return verdicts, problems
 
 
 def _model_fingerprint(model: torch.nn.Module) -> float:

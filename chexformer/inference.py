@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from chexformer import data, metrics
 from chexformer.checkpoint import CheckpointMeta, load_checkpoint
 from chexformer.data.io import grey_image
-from chexformer.guard import Guard, pixel_problems
+from chexformer.guard import Guard, population_verdicts
 from chexformer.runtime import autocast_dtype, resolve_precision
 from chexformer.synthetic import synthetic_image
 
@@ -274,15 +274,13 @@ class Predictor:
                 images = [decoded[i] for i in ok]
                 probs = self.predict_images(images, tta=tta) if ok else np.empty(0)
                 ood = self.ood_scores(images) if ok and use_guard else None
-                problems = pixel_problems(images)
+                verdicts, problems = population_verdicts(images, self.guard if use_guard else None, ood)
                 for j, i in enumerate(ok):
                     decoded[i] = self._prediction(str(chunk[i]), probs[j], tta)
                     if ood is not None:
-                        decoded[i].extra = {"ood_score": float(ood[j]),
-                                            "in_distribution": bool(problems[j] is None
-                                                                    and not self.guard.flag(ood[j:j + 1])[0])}
+                        decoded[i].extra = {"ood_score": float(ood[j]), "in_distribution": verdicts[j]}
                     if problems[j] is not None:  # with or without a guard: no radiograph, whatever the score
-                        decoded[i].extra.update(in_distribution=False, warning=problems[j])
+                        decoded[i].extra.update(in_distribution=verdicts[j], warning=problems[j])
                 for i, path in enumerate(chunk):
                     results.append(decoded[i] if isinstance(decoded[i], Prediction)
                                    else Prediction(str(path), error=str(decoded[i])))

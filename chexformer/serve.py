@@ -39,7 +39,7 @@ import torch
 from chexformer import data
 from chexformer.card import NOT_A_DEVICE, model_card, operating_point
 from chexformer.explain import explain_batch, upsample_heatmap
-from chexformer.guard import Guard, pixel_problems
+from chexformer.guard import Guard, population_verdicts
 from chexformer.inference import Predictor
 from chexformer.plots import overlay_heatmap
 
@@ -166,7 +166,8 @@ class Service:
         with self._slots:
             prob = self.predictor.predict_images([img])
             score = None if self.guard is None else float(self.guard.score(self.predictor, [img])[0])
-        return self._result(prob[0], score, pixel_problems([img])[0])
+        verdicts, problems = population_verdicts([img], self.guard, None if score is None else [score])
+        return self._result(prob[0], score, verdicts[0], problems[0])
 
     def predict_bytes(self, content: bytes, filename: str | None = None) -> dict[str, Any]:
         if not content:
@@ -175,7 +176,8 @@ class Service:
             img = self.load(path)
         return self.predict_image(img)
 
-    def _result(self, prob: Any, ood_score: float | None, problem: str | None) -> dict[str, Any]:
+    def _result(self, prob: Any, ood_score: float | None, in_distribution: bool | None,
+                problem: str | None) -> dict[str, Any]:
         names = self.class_names
         p = np.atleast_1d(np.asarray(prob, dtype=np.float64))
         if self.predictor.binary:
@@ -186,10 +188,6 @@ class Service:
             probabilities = {n: float(v) for n, v in zip(names, p)}
             label = self.predictor.label(p[None])[0]
             probability = probabilities[label]
-        if self.guard is None:
-            in_distribution = None if problem is None else False
-        else:
-            in_distribution = bool(problem is None and not self.guard.flag([ood_score])[0])
         return {
             "probability": probability,
             "probabilities": probabilities,

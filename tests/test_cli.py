@@ -294,6 +294,17 @@ def test_blank_images_are_flagged_without_a_guard(ckpt, tmp_path, caplog):
     assert main(["explain", "--checkpoint", str(ckpt), "--out-dir", str(tmp_path / "ex"),
                  str(tmp_path / "in" / "white.png")]) == 0
     assert next(csv.DictReader((tmp_path / "ex" / "explain.csv").open()))["warning"].startswith("blank image")
+    # evaluate follows the same rule (guard.population_verdicts): a blank image in a labelled folder is named
+    data = make_synthetic_dataset(tmp_path / "d", n_per_class=4, img_size=64, seed=1, splits=("test",),
+                                  test_fraction=1.0)
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(data / "test" / "NORMAL" / "black.png")
+    caplog.clear()
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data-dir", str(data / "test"), "--out-dir",
+                 str(tmp_path / "ev"), "--n-boot", "0"]) == 0
+    rows = {r["path"].split("/")[-1]: r for r in csv.DictReader((tmp_path / "ev" / "predictions.csv").open())}
+    assert len(rows) == 9 and rows["black.png"]["warning"].startswith("blank image")
+    assert sum(bool(r["warning"]) for r in rows.values()) == 1
+    assert "1 of 9 images look like no radiograph" in caplog.text
 
 
 @pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n" + bytes(range(256)), bytes(range(7, 200))])
