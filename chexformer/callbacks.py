@@ -138,14 +138,37 @@ class EpochBudget(Callback):
     ``reserve`` keeps that many more longest epochs of the budget free for what runs after training
     (the robustness suite, TTA and the guard in :func:`chexformer.train.train`): those steps are
     forward passes of the same model, so their time scales with the machine's speed as an epoch's
-    does, and a budget in minutes then holds for the whole run on a slower machine too."""
+    does, and a budget in minutes then holds for the whole run on a slower machine too.
 
-    def __init__(self, minutes: float, reserve: float = 0.0) -> None:
+    Progressive resizing (``low_res_ratio``: what a low-size epoch costs against a full-size one
+    until both are measured): epochs before the module's ``low_res_until`` train at the low size,
+    and projections count them at their own length. The stop rule still assumes the next epoch and
+    the reserve as long as the longest full-size epoch (projected from a low-size one until one is
+    measured). With ``plan`` (``low_res_budget``) the budget first buys epochs instead of cutting
+    them: where the epochs left would not all fit, the epochs right after the first train at the low
+    size, as few as make every epoch fit, re-planned at each epoch's start from the longest epoch
+    measured at each size. The last ``full_at_end`` epochs always train at full size; where even that
+    does not fit, the block leaves room for them inside the budget, and the stop rule ends the run as
+    before. Once an epoch after the first trains at full size, the rest do too. On a machine where
+    every epoch fits at full size nothing changes. ``low_res_epochs`` lists the epochs trained at the
+    low size; it is kept in checkpoints, so a resumed run continues the plan (with a new clock)."""
+
+    def __init__(self, minutes: float, reserve: float = 0.0, low_res_ratio: float | None = None,
+                 plan: bool = False, full_at_end: int = 3) -> None:
+        if plan and low_res_ratio is None:
+            raise ValueError("a low-size plan needs low_res_ratio")
         self.seconds = 60.0 * minutes
         self.reserve = float(reserve)
+        self.low_res_ratio = low_res_ratio
+        self.plan = plan
+        self.full_at_end = int(full_at_end)
         self.stopped_after: int | None = None
+        self.low_res_epochs: list[int] = []
         self._begin = self._epoch_begin = time.perf_counter()
         self._longest = 0.0
+        self._longest_full = self._longest_low = 0.0  # per size, for the projections
+        self._until = 0  # the module's low_res_until at this epoch's start
+        self._low_now = False
         self._gap, self._epoch_end = 0.0, None  # the longest pause between epochs (checkpoints, epoch-end hooks)
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -155,29 +178,93 @@ class EpochBudget(Callback):
         self._epoch_begin = time.perf_counter()
         if self._epoch_end is not None:
             self._gap = max(self._gap, self._epoch_begin - self._epoch_end)
+        epoch = trainer.current_epoch
+        if self.plan:
+            low = self._block_open(epoch) and self.low_res_needed(epoch, trainer.max_epochs) > 0
+            if trainer.strategy.reduce_boolean_decision(low, all=False):  # any rank's need: all go low
+                pl_module.low_res_until = epoch + 1
+        self._until = getattr(pl_module, "low_res_until", 0)
+        self._low_now = epoch < self._until
+        if self._low_now:
+            self.low_res_epochs.append(epoch)
+
+    def state_dict(self) -> dict:
+        return {"low_res_epochs": list(self.low_res_epochs)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.low_res_epochs = [int(e) for e in state_dict.get("low_res_epochs", [])]
+
+    def _block_open(self, epoch: int) -> bool:
+        """The low-size block follows the first epoch without a break."""
+        return epoch >= 1 and self.low_res_epochs == list(range(1, epoch))
+
+    def _sizes(self) -> tuple[float, float]:
+        """(full-size, low-size) epoch lengths for projections: the longest measured of each, the other
+        from ``low_res_ratio`` where only one is; (longest, longest) without progressive resizing."""
+        if self.low_res_ratio is None:
+            return self._longest, self._longest
+        full = self._longest_full or self._longest_low / self.low_res_ratio
+        return full, self._longest_low or full * self.low_res_ratio
+
+    def _runs(self, elapsed: float, lengths: list[float]) -> int:
+        """How many of the epochs ``lengths`` (the first about to start) the stop rule lets run, with
+        ``elapsed`` seconds of training behind: the rule is checked after each epoch with the longest
+        so far, and the clock runs through the longest pause between epochs."""
+        longest, t, runs = max(self._longest, self._sizes()[0]), elapsed, 0
+        for i, length in enumerate(lengths):
+            if i and self._past_budget(t, longest):
+                break
+            t += length + (self._gap if i else 0.0)
+            longest, runs = max(longest, length), runs + 1
+        return runs
+
+    def low_res_needed(self, epoch: int, max_epochs: int) -> int:
+        """How many epochs from ``epoch`` (about to start) the plan trains at the low size: the fewest
+        that let every epoch left run; where none do, the most that still leave the last
+        ``full_at_end`` full-size epochs inside the budget; 0 before a first epoch is measured."""
+        remaining = max_epochs - epoch
+        full, low = self._sizes()
+        if full <= 0 or remaining <= 0:
+            return 0
+        elapsed = time.perf_counter() - self._begin
+        cap = max(0, remaining - self.full_at_end)
+        plans = [(k, self._runs(elapsed, [low] * k + [full] * (remaining - k))) for k in range(cap + 1)]
+        for k, runs in plans:
+            if runs == remaining:
+                return k
+        return max((k for k, runs in plans if runs >= k + min(self.full_at_end, remaining - k)), default=0)
 
     def epochs_left(self, epoch: int, max_epochs: int) -> int:
         """How many epochs from ``epoch`` (about to start, counted) the budget is projected to let
         run: the rule of :meth:`on_train_epoch_end` applied ahead with the longest epoch and the
         longest pause between epochs so far (the rule's clock runs through the pauses, its epoch
-        length does not). Before any epoch has ended there is nothing to project from:
-        ``max_epochs - epoch``."""
+        length does not), low-size epochs at their own length (the module's fixed ones, or the
+        plan's). Before any epoch has ended there is nothing to project from: ``max_epochs - epoch``."""
         planned = max_epochs - epoch
         if self._longest <= 0:
             return planned
-        elapsed, runs = time.perf_counter() - self._begin, 1
-        while runs < planned and not self._past_budget(elapsed + runs * self._longest + (runs - 1) * self._gap):
-            runs += 1
-        return runs
+        full, low = self._sizes()
+        if self.plan:  # at least this epoch where it trains small, whatever this rank's own plan says now
+            k = max(1, self.low_res_needed(epoch, max_epochs)) if self._low_now else 0
+        else:
+            k = max(0, self._until - epoch)
+        k = min(k, planned)
+        return max(1, self._runs(time.perf_counter() - self._begin, [low] * k + [full] * (planned - k)))
 
-    def _past_budget(self, elapsed: float) -> bool:
+    def _past_budget(self, elapsed: float, longest: float | None = None) -> bool:
         """The stop rule: would one more epoch plus the reserve, each as long as the longest so far,
         end past the budget when ``elapsed`` seconds of training are behind?"""
-        return elapsed + self._longest * (1.0 + self.reserve) > self.seconds
+        longest = max(self._longest, self._sizes()[0]) if longest is None else longest
+        return elapsed + longest * (1.0 + self.reserve) > self.seconds
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         now = self._epoch_end = time.perf_counter()
-        self._longest = max(self._longest, now - self._epoch_begin)
+        length = now - self._epoch_begin
+        self._longest = max(self._longest, length)
+        if self._low_now:
+            self._longest_low = max(self._longest_low, length)
+        else:
+            self._longest_full = max(self._longest_full, length)
         more = trainer.current_epoch + 1 < trainer.max_epochs
         stop = more and self._past_budget(now - self._begin)
         if trainer.strategy.reduce_boolean_decision(stop, all=False):

@@ -127,7 +127,14 @@ class Config:
     stay at ``img_size`` (the positional encoding is interpolated to the smaller token grid). A
     training step at 96 px costs ~0.6 of one at 128 px on a CPU, so more epochs fit a time budget."""
     low_res_size: int = 96
-    """The input side of the ``low_res_epochs`` epochs: a multiple of 32 below ``img_size``."""
+    """The input side of the low-size epochs (``low_res_epochs``, ``low_res_budget``): a multiple
+    of 32 below ``img_size``."""
+    low_res_budget: bool = False
+    """Progressive resizing only where ``epoch_budget_minutes`` binds: where the epochs left would not
+    all fit the budget at ``img_size``, the epochs right after the first train at ``low_res_size``,
+    as few as make all ``epochs`` fit (re-planned after every epoch from the measured epoch times;
+    the last 3 always at ``img_size``). Inert where every epoch fits; the epochs trained small are
+    listed in ``summary.json`` (``time_budget.low_res_epochs``). Not with ``low_res_epochs``."""
     label_smoothing: float = 0.0
     """Label smoothing of the training targets (0 = off, hard labels)."""
     mixup_alpha: float = 0.0
@@ -318,10 +325,15 @@ class Config:
         need(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
         need(self.lr_patience >= 0, f"lr_patience must be >= 0, got {self.lr_patience}")
         need(self.final_anneal_epochs >= 0, f"final_anneal_epochs must not be negative, got {self.final_anneal_epochs}")
-        need(self.low_res_epochs >= 0, f"low_res_epochs must not be negative, got {self.low_res_epochs}")
-        if self.low_res_epochs > 0:
+        need(0 <= self.low_res_epochs < max(1, self.epochs),
+             f"low_res_epochs must lie in [0, epochs) (the last epochs train at img_size), got {self.low_res_epochs}")
+        if self.low_res_epochs > 0 or self.low_res_budget:
             need(32 <= self.low_res_size < self.img_size and self.low_res_size % 32 == 0,
                  f"low_res_size must be a multiple of 32 below img_size ({self.img_size}), got {self.low_res_size}")
+        if self.low_res_budget:
+            need(self.epoch_budget_minutes > 0, "low_res_budget plans low-size epochs for the epoch budget: set "
+                 "epoch_budget_minutes, or low_res_epochs for a fixed number")
+            need(self.low_res_epochs == 0, "low_res_budget plans the low-size epochs itself: set low_res_epochs to 0")
         need(0 <= self.fine_tune_layers <= 5,
              f"fine_tune_layers must lie in 0..5 (DenseNet121 stages), got {self.fine_tune_layers}")
         need(not (self.fine_tune_layers > 0 and not self.freeze_cnn),

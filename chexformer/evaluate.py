@@ -268,7 +268,8 @@ def _write_predictions(path: Path, samples, prob: np.ndarray, threshold: float |
     threshold (+ ood_score, in_distribution with a guard; + warning where an image looks like no
     radiograph, :func:`chexformer.guard.population_verdicts`)."""
     names = meta.class_names
-    extra = ["ood_score", "in_distribution"] if ood is not None else []
+    extra = ["ood_score"] if ood is not None else []
+    extra += ["in_distribution"] if ood is not None or any(problems) else []  # as predict's CSV
     extra += ["warning"] if any(problems) else []
     cols = prediction_columns(names, extra)
     cols = cols[:1] + ["patient", "true_label"] + [c for c in cols[1:] if c != "error"]
@@ -283,7 +284,9 @@ def _write_predictions(path: Path, samples, prob: np.ndarray, threshold: float |
                    "predicted_label": names[pred],
                    "threshold": "" if threshold is None else f"{threshold:.6f}"}
             if ood is not None:
-                row.update(ood_score=f"{ood[k]:.6f}", in_distribution=verdicts[k])
+                row["ood_score"] = f"{ood[k]:.6f}"
+            if "in_distribution" in extra:
+                row["in_distribution"] = "" if verdicts[k] is None else verdicts[k]
             if problems[k] is not None:
                 row["warning"] = problems[k]
             writer.writerow(row)

@@ -71,6 +71,10 @@ class ChexFormerModule(L.LightningModule):
         self.register_buffer("class_weight", class_weight, persistent=False)
         self.mean, self.std = tuple(mean), tuple(std)
         self.use_features = False
+        # epochs before this one train at cfg.low_res_size (progressive resizing); the epoch budget's
+        # plan (low_res_budget) moves it on, epoch by epoch
+        self.low_res_until = cfg.low_res_epochs
+        self._side: int | None = None  # the side the last epoch trained at (logged when it changes)
         self.threshold = 0.5
         self.temperature = 1.0
         self.bias = 0.0
@@ -115,9 +119,11 @@ class ChexFormerModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y, _ = batch
-        if self.current_epoch < self.cfg.low_res_epochs:
+        if self.current_epoch < self.low_res_until:
             side = self.cfg.low_res_size
-            x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+            # float32: the CPU's antialiased kernel has no bf16 (precision bf16-true hands bf16 batches)
+            x = F.interpolate(x.float(), size=(side, side), mode="bilinear", antialias=True,
+                              align_corners=False).to(x.dtype)
         if self.cfg.mixup_alpha > 0:
             x, perm, lam = mixup(x, self.cfg.mixup_alpha)
             logits = self._logits(x)
@@ -137,10 +143,11 @@ class ChexFormerModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self._log_grads = True
         self._train_out = []
-        k = self.cfg.low_res_epochs
-        if k and self.current_epoch in (0, k):
-            side = self.cfg.low_res_size if self.current_epoch < k else self.cfg.img_size
-            log.info("low_res_epochs=%d: epoch %d trains at %d px", k, self.current_epoch + 1, side)
+        side = self.cfg.low_res_size if self.current_epoch < self.low_res_until else self.cfg.img_size
+        if side != (self._side or self.cfg.img_size):
+            log.info("progressive resizing: epoch %d trains at %d px (validation at %d px)", self.current_epoch + 1,
+                     side, self.cfg.img_size)
+        self._side = side
 
     def on_train_epoch_end(self) -> None:
         """This epoch's training loss, accuracy and AUC (as trained: augmented, dropout on), kept

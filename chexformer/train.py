@@ -114,6 +114,7 @@ def train(cfg: Config, *, resume: bool = False, evaluate: bool = True) -> dict[s
     module, weights_report = build_module(cfg, dm, run, precision)
     if resume:
         check_resumable(run, module, cfg)
+    build_images(module, dm)
     prepare_run_folder(run, cfg, dm)
     trainer, best = build_trainer(cfg, dm, run, accelerator, precision, cached=module.use_features)
     fit(trainer, module, dm, run, resume)
@@ -205,7 +206,7 @@ def build_module(cfg: Config, dm: XrayDataModule, run: RunFolder, precision: str
 
     With a fully frozen backbone (and ``cache_features`` on) the DataModule is asked to serve
     cached backbone maps instead of images; with ``compile`` the model is compiled in place. The
-    image datasets are built here, and a few validation images are kept for TensorBoard."""
+    images are built afterwards (:func:`build_images`), once ``--resume`` has been checked."""
     model = build_model(cfg, num_classes=len(dm.class_names))
     weights_report = init_backbone(model, cfg)
     module = ChexFormerModule(cfg, dm.class_names, model, class_weight=dm.class_weights())
@@ -215,19 +216,24 @@ def build_module(cfg: Config, dm: XrayDataModule, run: RunFolder, precision: str
         cache_dir = None
         if cfg.cache_features == "disk":
             cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run.out / "feature_cache"
-        if cfg.low_res_epochs:
-            raise ConfigError("low_res_epochs scales training images down, but with a frozen backbone and "
-                              f"cache_features={cfg.cache_features} training reads cached backbone maps: set "
-                              "cache_features off, or low_res_epochs 0")
+        if cfg.low_res_epochs or cfg.low_res_budget:
+            raise ConfigError("progressive resizing (low_res_epochs, low_res_budget) scales training images down, "
+                              f"but with a frozen backbone and cache_features={cfg.cache_features} training reads "
+                              "cached backbone maps: set cache_features off, or turn progressive resizing off")
         dm.cache_request = {"model": model, "cache_dir": cache_dir, "precision": precision}  # built in setup()
         module.use_features = True
     if cfg.compile:
         _compile(module)
+    return module, weights_report
+
+
+def build_images(module: ChexFormerModule, dm: XrayDataModule) -> None:
+    """The image datasets (decoded, and preloaded where asked: the slow part of setting up), the
+    data summary (with the training images' sharpness) and a few validation images for TensorBoard."""
     dm.build_images()
-    module.data_summary = dm.summary()  # after the images: with the training images' sharpness
+    module.data_summary = dm.summary()
     n_explain = min(4, len(dm.val_images))
     module.explain_images = torch.stack([dm.val_images[i][0] for i in range(n_explain)]) if n_explain else None
-    return module, weights_report
 
 
 def build_logger(cfg: Config, out: Path):
@@ -263,7 +269,10 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
         dirpath=run.checkpoints, filename="last", monitor=None, save_top_k=1, every_n_epochs=1,
         auto_insert_metric_name=False, enable_version_counter=False,
     )
-    budget = EpochBudget(cfg.epoch_budget_minutes, reserve=cfg.epoch_budget_reserve) \
+    progressive = cfg.low_res_epochs > 0 or cfg.low_res_budget
+    budget = EpochBudget(cfg.epoch_budget_minutes, reserve=cfg.epoch_budget_reserve,
+                         low_res_ratio=(cfg.low_res_size / cfg.img_size) ** 2 if progressive else None,
+                         plan=cfg.low_res_budget) \
         if cfg.epoch_budget_minutes > 0 else None
     # always there (inert at 0 epochs): a resume that turns the anneal off still hears about an annealed epoch
     anneal = FinalAnneal(cfg.final_anneal_epochs, cfg.lr_factor, *group_rates(cfg), budget=budget)
@@ -449,7 +458,8 @@ def _time_budget(cfg: Config, trainer: L.Trainer) -> dict[str, Any]:
     if budget is None:
         return {}
     return {"time_budget": {"minutes": cfg.epoch_budget_minutes, "reserve": cfg.epoch_budget_reserve,
-                            "epochs": cfg.epochs, "stopped_after_epoch": budget.stopped_after}}
+                            "epochs": cfg.epochs, "stopped_after_epoch": budget.stopped_after,
+                            "low_res_epochs": budget.low_res_epochs}}
 
 
 def _float(v) -> float | None:
@@ -464,6 +474,10 @@ def _log_summary(summary: dict[str, Any]) -> None:
         reserve = f", reserve {budget['reserve']:g} longest epochs" if budget.get("reserve") else ""
         lines.append(f"  SHORTENED by epoch_budget_minutes={budget['minutes']:g}{reserve}: {summary['epochs_run']} of "
                      f"{budget['epochs']} epochs trained")
+    if budget and budget.get("low_res_epochs"):
+        small = budget["low_res_epochs"]
+        lines.append(f"  PROGRESSIVE: epochs {small[0] + 1}-{small[-1] + 1} trained at low_res_size, the others at "
+                     "img_size")
     for split, d in summary["data"]["splits"].items():
         lines.append(f"  {split}: {d['images']} images, {d['patients']} patients, {d['per_class']}")
     skipped = summary["data"]["skipped"]

@@ -303,6 +303,8 @@ def test_blank_images_are_flagged_without_a_guard(ckpt, tmp_path, caplog):
                  str(tmp_path / "ev"), "--n-boot", "0"]) == 0
     rows = {r["path"].split("/")[-1]: r for r in csv.DictReader((tmp_path / "ev" / "predictions.csv").open())}
     assert len(rows) == 9 and rows["black.png"]["warning"].startswith("blank image")
+    assert rows["black.png"]["in_distribution"] == "False"
+    assert {r["in_distribution"] for r in rows.values()} == {"", "False"}  # no guard: the others unknown
     assert sum(bool(r["warning"]) for r in rows.values()) == 1
     assert "1 of 9 images look like no radiograph" in caplog.text
 

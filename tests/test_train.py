@@ -332,14 +332,18 @@ def test_resume_continues_exactly_as_an_uninterrupted_run(tiny_data, tmp_path):
     assert a["lr_schedulers"][0]["last_epoch"] == 3
 
 
-def test_resume_that_cannot_continue_is_one_clear_error_and_leaves_the_run_as_it_was(tiny_data, tmp_path):
+def test_resume_that_cannot_continue_is_one_clear_error_and_leaves_the_run_as_it_was(tiny_data, tmp_path,
+                                                                                     monkeypatch):
     """--resume with an option that changes the model, or with a damaged last.ckpt, stops before
-    anything is written: config.yaml stays the run's, so a plain --resume still works afterwards."""
+    anything is written (and before the images are decoded, the slow part of setting up):
+    config.yaml stays the run's, so a plain --resume still works afterwards."""
     out = tmp_path / "run"
     train(_cfg(tiny_data, out, epochs=1), evaluate=False)
     config, last = (out / "config.yaml").read_text(), out / "checkpoints" / "last.ckpt"
-    with pytest.raises(ConfigError, match=r"d_model: 32 in the run, 64 now"):
-        train(_cfg(tiny_data, out, epochs=2, d_model=64), resume=True, evaluate=False)
+    with monkeypatch.context() as m:
+        m.setattr(XrayDataModule, "build_images", lambda self: pytest.fail("images decoded before the resume check"))
+        with pytest.raises(ConfigError, match=r"d_model: 32 in the run, 64 now"):
+            train(_cfg(tiny_data, out, epochs=2, d_model=64), resume=True, evaluate=False)
     assert (out / "config.yaml").read_text() == config
     intact = last.read_bytes()
     last.write_bytes(intact[: len(intact) // 2])
@@ -856,6 +860,87 @@ def test_epoch_budget_projects_the_end_its_own_stop_rule_reaches(monkeypatch, re
     assert anneal.state_dict() == {"epoch": ran - 1, "left": 1, "planned": 14 - (ran - 1), "capped": 1}
 
 
+@pytest.mark.parametrize("full, low, trained, small", [
+    (150, 100, 14, []),                        # every epoch fits at full size: the plan is inert
+    (240, 170, 14, [1, 2, 3, 4, 5, 6, 7]),     # 11 epochs at full size; the block buys all 14
+    (420, 300, 6, [1, 2]),                     # not even the block buys 14: room for 3 full-size epochs at the end
+])
+def test_epoch_budget_plans_low_size_epochs_only_where_it_binds(monkeypatch, full, low, trained, small):
+    from types import SimpleNamespace
+
+    from chexformer import callbacks
+
+    clock = [0.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    trainer = SimpleNamespace(current_epoch=0, max_epochs=14, should_stop=False,
+                              strategy=SimpleNamespace(reduce_boolean_decision=lambda stop, all: stop,
+                                                       all_gather=lambda tensor: tensor))
+    group = {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3, "name": "head"}
+    trainer.optimizers = [torch.optim.AdamW([group])]
+    budget = callbacks.EpochBudget(minutes=58, reserve=2.5, low_res_ratio=(96 / 128) ** 2, plan=True)
+    anneal = callbacks.FinalAnneal(2, 0.5, {"head": 1e-3}, {"head": 0.0}, budget=budget)
+    module = SimpleNamespace(low_res_until=0, device=torch.device("cpu"))
+    budget.on_train_start(trainer, module)
+    sides, rates = [], []
+    for epoch in range(14):
+        trainer.current_epoch = epoch
+        budget.on_train_epoch_start(trainer, module)
+        anneal.on_train_epoch_start(trainer, module)
+        rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+        sides.append("low" if epoch < module.low_res_until else "full")  # what the module trains at
+        clock[0] += low if sides[-1] == "low" else full
+        budget.on_train_epoch_end(trainer, module)
+        if trainer.should_stop:
+            break
+    # 240 s: 11 epochs without the plan (11 x 240 + 3.5 x 240 > 3,480); epoch 1 plans with 135 s (the
+    # area ratio), then with the 170 s measured: the fewest low-size epochs that fit 14 (240 + 7 x 170 +
+    # 5 x 240 + 3.5 x 240 <= 3,480 < the same with 6 of them); 420 s: 5 epochs without it
+    assert epoch + 1 == trained and budget.low_res_epochs == small
+    assert [i for i, side in enumerate(sides) if side == "low"] == small and sides[-3:] == ["full"] * 3
+    if trained == 14:  # the anneal was told the true end all along: only the last two epochs are capped
+        assert rates == [1e-3] * 12 + [5e-4, 2.5e-4] and budget.stopped_after is None
+    else:
+        assert budget.stopped_after == trained - 1 and rates[-2:] == [5e-4, 2.5e-4]
+
+
+def test_epoch_budget_with_fixed_low_size_epochs_projects_the_full_size_ones(monkeypatch):
+    # low_res_epochs 9 under the budget: the stop rule and the anneal's forecast must not take the
+    # short epochs for the long ones to come (a full-size epoch is projected from a short one by the
+    # area ratio until one is measured), so the run the budget cuts still ends annealed
+    from types import SimpleNamespace
+
+    from chexformer import callbacks
+
+    clock = [0.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    trainer = SimpleNamespace(current_epoch=0, max_epochs=14, should_stop=False,
+                              strategy=SimpleNamespace(reduce_boolean_decision=lambda stop, all: stop,
+                                                       all_gather=lambda tensor: tensor))
+    group = {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3, "name": "head"}
+    trainer.optimizers = [torch.optim.AdamW([group])]
+    budget = callbacks.EpochBudget(minutes=58, reserve=2.5, low_res_ratio=(96 / 128) ** 2)
+    anneal = callbacks.FinalAnneal(2, 0.5, {"head": 1e-3}, {"head": 0.0}, budget=budget)
+    module = SimpleNamespace(low_res_until=9, device=torch.device("cpu"))
+    budget.on_train_start(trainer, module)
+    rates = []
+    for epoch in range(14):
+        trainer.current_epoch = epoch
+        budget.on_train_epoch_start(trainer, module)
+        anneal.on_train_epoch_start(trainer, module)
+        rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+        clock[0] += 178 if epoch < 9 else 255
+        budget.on_train_epoch_end(trainer, module)
+        if trainer.should_stop:
+            break
+    # 9 x 178 + 4 x 255 + 3.5 x 255 > 3,480 >= 9 x 178 + 3 x 255 + 3.5 x 255: 13 epochs, the last two capped
+    assert epoch + 1 == 13 and budget.stopped_after == 12 and budget.low_res_epochs == list(range(9))
+    assert rates == [1e-3] * 11 + [5e-4, 2.5e-4]
+    # a resumed run continues the plan's block: the epochs trained small are kept in the checkpoint
+    resumed = callbacks.EpochBudget(minutes=58, low_res_ratio=0.5, plan=True)
+    resumed.load_state_dict(budget.state_dict() | {"low_res_epochs": [1, 2, 3]})
+    assert resumed._block_open(4) and not resumed._block_open(5)
+
+
 def test_final_anneal_gathers_the_budget_forecast_on_the_module_device():
     # an NCCL process group (DDP across GPUs) gathers CUDA tensors only: the forecast must be made on
     # the module's device, not the CPU default (a meta device stands in for a GPU here)
@@ -973,7 +1058,7 @@ def test_epoch_budget_ends_a_run_on_an_epoch_boundary_and_says_so(tiny_data, tmp
     with caplog.at_level("WARNING", logger="chexformer"):
         summary = train(_cfg(tiny_data, out, epochs=4, checkpoint_selection="last", epoch_budget_minutes=1e-4))
     assert summary["epochs_run"] == 1 and summary["time_budget"] == {
-        "minutes": 1e-4, "reserve": 0.0, "epochs": 4, "stopped_after_epoch": 0}
+        "minutes": 1e-4, "reserve": 0.0, "epochs": 4, "stopped_after_epoch": 0, "low_res_epochs": []}
     assert "stopping after epoch 1 of 4" in caplog.text
     assert [int(r["epoch"]) for r in read_history(out / "history.csv")] == [0]
     assert read_checkpoint_file(out / "checkpoints" / "best.ckpt")["epoch"] == 0
@@ -1189,7 +1274,8 @@ def test_split_seed_fixes_the_validation_split_whatever_the_seed(tmp_path):
 def test_true_bf16_run_logs_its_image_panels(tiny_data, tmp_path):
     # under bf16-true Lightning casts the weights to bf16: the panels' fp32 images must follow them
     out = tmp_path / "bf16"
-    train(_cfg(tiny_data, out, precision="bf16-true", log_images_every=1, epochs=1), evaluate=False)
+    train(_cfg(tiny_data, out, precision="bf16-true", log_images_every=1, epochs=2, low_res_epochs=1,
+               low_res_size=32), evaluate=False)  # and a low-size epoch: bf16 batches scaled down
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")).parent))
@@ -1272,8 +1358,32 @@ def test_low_res_epochs_train_the_first_epochs_smaller_and_validate_at_full_size
     assert sides[(2, True)] == {(64, 64)}
     assert all(side == {(64, 64)} for (_, training), side in sides.items() if not training)  # validation
     assert summary["epochs_run"] == 3
-    assert "low_res_epochs=2: epoch 1 trains at 32 px" in caplog.text
-    assert "low_res_epochs=2: epoch 3 trains at 64 px" in caplog.text
-    for bad in ({"low_res_size": 64}, {"low_res_size": 48}, {"low_res_epochs": -1}):
+    assert "progressive resizing: epoch 1 trains at 32 px (validation at 64 px)" in caplog.text
+    assert "progressive resizing: epoch 3 trains at 64 px" in caplog.text
+    for bad in ({"low_res_size": 64}, {"low_res_size": 48}, {"low_res_epochs": -1}, {"low_res_epochs": 2}):
         with pytest.raises(ConfigError, match="low_res"):
             Config(**{**TINY, "low_res_epochs": 1, **bad}).validate()
+    for bad in ({"epoch_budget_minutes": 0}, {"epoch_budget_minutes": 60, "low_res_epochs": 2}):
+        with pytest.raises(ConfigError, match="low_res_budget plans"):
+            Config(**{**TINY, "low_res_budget": True, **bad}).validate()
+
+
+def test_low_res_budget_trains_the_epochs_its_plan_asks_for_small(tiny_data, tmp_path, monkeypatch):
+    # the plan itself is tested with a fake clock (test_epoch_budget_plans_low_size_epochs_only_where_it_binds);
+    # here a plan of two low-size epochs reaches the module, and summary.json lists them
+    from chexformer.callbacks import EpochBudget
+    from chexformer.module import ChexFormerModule
+    seen = []
+    logits = ChexFormerModule._logits
+
+    def record(self, x):
+        if self.training:
+            seen.append((self.current_epoch, x.shape[-1]))
+        return logits(self, x)
+
+    monkeypatch.setattr(ChexFormerModule, "_logits", record)
+    monkeypatch.setattr(EpochBudget, "low_res_needed", lambda self, epoch, max_epochs: max(0, 3 - epoch))
+    summary = train(_cfg(tiny_data, tmp_path / "plan", epochs=4, low_res_size=32, low_res_budget=True,
+                         epoch_budget_minutes=600), evaluate=False)
+    assert sorted(set(seen)) == [(0, 64), (1, 32), (2, 32), (3, 64)]
+    assert summary["time_budget"]["low_res_epochs"] == [1, 2] and summary["epochs_run"] == 4
