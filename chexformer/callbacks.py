@@ -167,8 +167,7 @@ class EpochBudget(Callback):
         self._begin = self._epoch_begin = time.perf_counter()
         self._longest = 0.0
         self._longest_full = self._longest_low = 0.0  # per size, for the projections
-        self._until = 0  # the module's low_res_until at this epoch's start
-        self._low_now = False
+        self._until = 0  # the module's low_res_until at this epoch's start: epochs before it train small
         self._gap, self._epoch_end = 0.0, None  # the longest pause between epochs (checkpoints, epoch-end hooks)
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -184,8 +183,7 @@ class EpochBudget(Callback):
             if trainer.strategy.reduce_boolean_decision(low, all=False):  # any rank's need: all go low
                 pl_module.low_res_until = epoch + 1
         self._until = getattr(pl_module, "low_res_until", 0)
-        self._low_now = epoch < self._until
-        if self._low_now:
+        if epoch < self._until:
             self.low_res_epochs.append(epoch)
 
     def state_dict(self) -> dict:
@@ -245,7 +243,7 @@ class EpochBudget(Callback):
             return planned
         full, low = self._sizes()
         if self.plan:  # at least this epoch where it trains small, whatever this rank's own plan says now
-            k = max(1, self.low_res_needed(epoch, max_epochs)) if self._low_now else 0
+            k = max(1, self.low_res_needed(epoch, max_epochs)) if epoch < self._until else 0
         else:
             k = max(0, self._until - epoch)
         k = min(k, planned)
@@ -261,7 +259,7 @@ class EpochBudget(Callback):
         now = self._epoch_end = time.perf_counter()
         length = now - self._epoch_begin
         self._longest = max(self._longest, length)
-        if self._low_now:
+        if trainer.current_epoch < self._until:
             self._longest_low = max(self._longest_low, length)
         else:
             self._longest_full = max(self._longest_full, length)

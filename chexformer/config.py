@@ -125,7 +125,8 @@ class Config:
     scaled down to ``low_res_size`` px (bilinear, antialiased, after augmentation and the intensity
     rule), the later ones at ``img_size``. Validation, checkpoints and every step after training
     stay at ``img_size`` (the positional encoding is interpolated to the smaller token grid). A
-    training step at 96 px costs ~0.6 of one at 128 px on a CPU, so more epochs fit a time budget."""
+    training step at 96 px cost 0.60 of one at 128 px on the AVX2-only CPU measured (bench/speed.py),
+    so more epochs fit a time budget."""
     low_res_size: int = 96
     """The input side of the low-size epochs (``low_res_epochs``, ``low_res_budget``): a multiple
     of 32 below ``img_size``."""

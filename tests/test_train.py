@@ -860,12 +860,10 @@ def test_epoch_budget_projects_the_end_its_own_stop_rule_reaches(monkeypatch, re
     assert anneal.state_dict() == {"epoch": ran - 1, "left": 1, "planned": 14 - (ran - 1), "capped": 1}
 
 
-@pytest.mark.parametrize("full, low, trained, small", [
-    (150, 100, 14, []),                        # every epoch fits at full size: the plan is inert
-    (240, 170, 14, [1, 2, 3, 4, 5, 6, 7]),     # 11 epochs at full size; the block buys all 14
-    (420, 300, 6, [1, 2]),                     # not even the block buys 14: room for 3 full-size epochs at the end
-])
-def test_epoch_budget_plans_low_size_epochs_only_where_it_binds(monkeypatch, full, low, trained, small):
+def _budget_with_small_epochs(monkeypatch, budget, low_res_until: int, full: float, low: float):
+    """Run ``budget`` (with a two-epoch FinalAnneal reading it) over up to 14 epochs on a fake clock:
+    an epoch lasts ``low`` seconds where the module trains it small, else ``full``. Returns the
+    epochs run, each epoch's size ('low' or 'full') and each epoch's learning rate."""
     from types import SimpleNamespace
 
     from chexformer import callbacks
@@ -877,9 +875,8 @@ def test_epoch_budget_plans_low_size_epochs_only_where_it_binds(monkeypatch, ful
                                                        all_gather=lambda tensor: tensor))
     group = {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3, "name": "head"}
     trainer.optimizers = [torch.optim.AdamW([group])]
-    budget = callbacks.EpochBudget(minutes=58, reserve=2.5, low_res_ratio=(96 / 128) ** 2, plan=True)
     anneal = callbacks.FinalAnneal(2, 0.5, {"head": 1e-3}, {"head": 0.0}, budget=budget)
-    module = SimpleNamespace(low_res_until=0, device=torch.device("cpu"))
+    module = SimpleNamespace(low_res_until=low_res_until, device=torch.device("cpu"))
     budget.on_train_start(trainer, module)
     sides, rates = [], []
     for epoch in range(14):
@@ -892,10 +889,23 @@ def test_epoch_budget_plans_low_size_epochs_only_where_it_binds(monkeypatch, ful
         budget.on_train_epoch_end(trainer, module)
         if trainer.should_stop:
             break
+    return epoch + 1, sides, rates
+
+
+@pytest.mark.parametrize("full, low, trained, small", [
+    (150, 100, 14, []),                        # every epoch fits at full size: the plan is inert
+    (240, 170, 14, [1, 2, 3, 4, 5, 6, 7]),     # 11 epochs at full size; the block buys all 14
+    (420, 300, 6, [1, 2]),                     # not even the block buys 14: room for 3 full-size epochs at the end
+])
+def test_epoch_budget_plans_low_size_epochs_only_where_it_binds(monkeypatch, full, low, trained, small):
+    from chexformer import callbacks
+
+    budget = callbacks.EpochBudget(minutes=58, reserve=2.5, low_res_ratio=(96 / 128) ** 2, plan=True)
+    ran, sides, rates = _budget_with_small_epochs(monkeypatch, budget, 0, full, low)
     # 240 s: 11 epochs without the plan (11 x 240 + 3.5 x 240 > 3,480); epoch 1 plans with 135 s (the
     # area ratio), then with the 170 s measured: the fewest low-size epochs that fit 14 (240 + 7 x 170 +
     # 5 x 240 + 3.5 x 240 <= 3,480 < the same with 6 of them); 420 s: 5 epochs without it
-    assert epoch + 1 == trained and budget.low_res_epochs == small
+    assert ran == trained and budget.low_res_epochs == small
     assert [i for i, side in enumerate(sides) if side == "low"] == small and sides[-3:] == ["full"] * 3
     if trained == 14:  # the anneal was told the true end all along: only the last two epochs are capped
         assert rates == [1e-3] * 12 + [5e-4, 2.5e-4] and budget.stopped_after is None
@@ -907,33 +917,12 @@ def test_epoch_budget_with_fixed_low_size_epochs_projects_the_full_size_ones(mon
     # low_res_epochs 9 under the budget: the stop rule and the anneal's forecast must not take the
     # short epochs for the long ones to come (a full-size epoch is projected from a short one by the
     # area ratio until one is measured), so the run the budget cuts still ends annealed
-    from types import SimpleNamespace
-
     from chexformer import callbacks
 
-    clock = [0.0]
-    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
-    trainer = SimpleNamespace(current_epoch=0, max_epochs=14, should_stop=False,
-                              strategy=SimpleNamespace(reduce_boolean_decision=lambda stop, all: stop,
-                                                       all_gather=lambda tensor: tensor))
-    group = {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 1e-3, "name": "head"}
-    trainer.optimizers = [torch.optim.AdamW([group])]
     budget = callbacks.EpochBudget(minutes=58, reserve=2.5, low_res_ratio=(96 / 128) ** 2)
-    anneal = callbacks.FinalAnneal(2, 0.5, {"head": 1e-3}, {"head": 0.0}, budget=budget)
-    module = SimpleNamespace(low_res_until=9, device=torch.device("cpu"))
-    budget.on_train_start(trainer, module)
-    rates = []
-    for epoch in range(14):
-        trainer.current_epoch = epoch
-        budget.on_train_epoch_start(trainer, module)
-        anneal.on_train_epoch_start(trainer, module)
-        rates.append(trainer.optimizers[0].param_groups[0]["lr"])
-        clock[0] += 178 if epoch < 9 else 255
-        budget.on_train_epoch_end(trainer, module)
-        if trainer.should_stop:
-            break
+    ran, _, rates = _budget_with_small_epochs(monkeypatch, budget, 9, full=255, low=178)
     # 9 x 178 + 4 x 255 + 3.5 x 255 > 3,480 >= 9 x 178 + 3 x 255 + 3.5 x 255: 13 epochs, the last two capped
-    assert epoch + 1 == 13 and budget.stopped_after == 12 and budget.low_res_epochs == list(range(9))
+    assert ran == 13 and budget.stopped_after == 12 and budget.low_res_epochs == list(range(9))
     assert rates == [1e-3] * 11 + [5e-4, 2.5e-4]
     # a resumed run continues the plan's block: the epochs trained small are kept in the checkpoint
     resumed = callbacks.EpochBudget(minutes=58, low_res_ratio=0.5, plan=True)
