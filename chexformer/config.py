@@ -202,6 +202,13 @@ class Config:
     edges and what lies outside the lungs cannot decide the class; 0 turns it off."""
     edge_occlusion_max: float = 0.2
     """Largest band width per edge, as a fraction of the side."""
+    consistency: float = 0.0
+    """Weight of a consistency loss between two independently augmented views of each training image:
+    the Jensen-Shannon divergence of their predicted class distributions (AugMix, Hendrycks et al.
+    2020), so the prediction itself, not only the label, must not change with the acquisition
+    changes and the geometry drawn. Each training batch then holds ``batch_size // 2`` images in two
+    views (the same step cost), so an epoch costs about twice as much: halve ``epochs`` for the same
+    compute. 0 turns it off. Needs ``augment``; not with mixup nor the cached maps of a frozen backbone."""
     intensity: Literal["stretch", "equalize"] = "stretch"
     """After the intensity rule (percentiles -> 0..255), 'stretch' keeps it; 'equalize' adds global
     histogram equalisation (invariant to any monotone contrast curve)."""
@@ -366,6 +373,12 @@ class Config:
         need(0.0 <= self.acquisition_aug <= 1.0, f"acquisition_aug must lie in [0, 1], got {self.acquisition_aug}")
         need(0.0 <= self.random_erasing <= 1.0, f"random_erasing must lie in [0, 1], got {self.random_erasing}")
         need(0.0 <= self.edge_occlusion <= 1.0, f"edge_occlusion must lie in [0, 1], got {self.edge_occlusion}")
+        need(self.consistency >= 0, f"consistency must not be negative, got {self.consistency}")
+        if self.consistency > 0:
+            need(self.augment, "consistency compares two augmented views of each image: set augment to true")
+            need(self.batch_size >= 2, f"consistency trains batch_size // 2 images in two views: batch_size must be "
+                 f">= 2, got {self.batch_size}")
+            need(self.mixup_alpha == 0, "consistency and mixup do not combine: set one of them to 0")
         need(0.0 < self.edge_occlusion_max < 0.5,
              f"edge_occlusion_max must lie in (0, 0.5), got {self.edge_occlusion_max}")
         need(0.0 <= self.sharpness_match <= 1.0, f"sharpness_match must lie in [0, 1], got {self.sharpness_match}")

@@ -49,6 +49,21 @@ def _cosine_factor(step: int, total: int, floor: float) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+def consistency_loss(logits: torch.Tensor) -> torch.Tensor:
+    """The Jensen-Shannon divergence between the predicted class distributions of several views of
+    each image, averaged over images (AugMix, Hendrycks et al. 2020): ``logits`` (B, V, 1) for
+    sigmoid (the distribution is (1 - p, p)) or (B, V, K) for softmax. 0 when the views agree."""
+    logits = logits.float()
+    if logits.shape[-1] == 1:
+        logp_pos = F.logsigmoid(logits)
+        logp = torch.cat((F.logsigmoid(-logits), logp_pos), dim=-1)  # (B, V, 2)
+    else:
+        logp = F.log_softmax(logits, dim=-1)
+    p = logp.exp()
+    log_mean = p.mean(dim=1, keepdim=True).clamp_min(1e-7).log()
+    return (p * (logp - log_mean)).sum(-1).mean()
+
+
 def mixup(x: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``(lam * x + (1 - lam) * x[perm], perm, lam)`` with ``lam ~ Beta(alpha, alpha)`` (one per
     batch) and a random pairing ``perm``, both from torch's global generator (seeded and restored
@@ -119,6 +134,10 @@ class ChexFormerModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y, _ = batch
+        views = 1
+        if x.dim() == 5:  # (B, 2, C, H, W): two augmented views of each image (consistency)
+            views = x.shape[1]
+            x, y = x.flatten(0, 1), y.repeat_interleave(views)
         if self.current_epoch < self.low_res_until:
             side = self.cfg.low_res_size
             # float32: the CPU's antialiased kernel has no bf16 (precision bf16-true hands bf16 batches)
@@ -132,6 +151,8 @@ class ChexFormerModule(L.LightningModule):
         else:
             logits = self._logits(x)
             loss = self._loss(logits, y)
+            if views > 1:
+                loss = loss + self.cfg.consistency * consistency_loss(logits.view(-1, views, logits.shape[-1]))
         bs = y.shape[0]
         if not self._distributed:  # under DDP from every rank's outputs (on_train_epoch_end)
             self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True)

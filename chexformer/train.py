@@ -220,6 +220,10 @@ def build_module(cfg: Config, dm: XrayDataModule, run: RunFolder, precision: str
             raise ConfigError("progressive resizing (low_res_epochs, low_res_budget) scales training images down, "
                               f"but with a frozen backbone and cache_features={cfg.cache_features} training reads "
                               "cached backbone maps: set cache_features off, or turn progressive resizing off")
+        if cfg.consistency > 0:
+            raise ConfigError("consistency compares two augmented views of each training image, but with a frozen "
+                              f"backbone and cache_features={cfg.cache_features} training reads cached backbone "
+                              "maps: set cache_features off, or consistency to 0")
         dm.cache_request = {"model": model, "cache_dir": cache_dir, "precision": precision}  # built in setup()
         module.use_features = True
     if cfg.compile:
@@ -302,7 +306,7 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
     if cfg.swa_epochs > 0:
         callbacks.insert(0, SWA(start_epoch=cfg.epochs - cfg.swa_epochs))
     logger = build_logger(cfg, run.out)
-    steps_per_epoch = max(1, -(-len(dm.train_set) // cfg.batch_size))
+    steps_per_epoch = max(1, len(dm.train_dataloader()))
     trainer = L.Trainer(
         max_epochs=cfg.epochs,
         max_time={"minutes": cfg.max_minutes} if cfg.max_minutes > 0 else None,

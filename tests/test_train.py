@@ -1,6 +1,7 @@
 """Training end to end on tiny data: files written, resume after SIGKILL, cache, DDP, real data."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -1376,3 +1377,62 @@ def test_low_res_budget_trains_the_epochs_its_plan_asks_for_small(tiny_data, tmp
                          epoch_budget_minutes=600), evaluate=False)
     assert sorted(set(seen)) == [(0, 64), (1, 32), (2, 32), (3, 64)]
     assert summary["time_budget"]["low_res_epochs"] == [1, 2] and summary["epochs_run"] == 4
+
+
+def test_consistency_loss_is_the_jensen_shannon_divergence_of_the_views():
+    from chexformer.module import consistency_loss
+
+    same = torch.tensor([[[1.5], [1.5]], [[-0.3], [-0.3]]])
+    assert float(consistency_loss(same)) == pytest.approx(0.0, abs=1e-7)
+    # two views at p = 0.9 and 0.5: JSD = H(mean) - mean H, in nats
+    logit = math.log(0.9 / 0.1)
+    binary = consistency_loss(torch.tensor([[[logit], [0.0]]]))
+
+    def h(p):
+        return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+    assert float(binary) == pytest.approx(h(0.7) - (h(0.9) + h(0.5)) / 2, rel=1e-5)
+    # softmax over two classes with logits (0, z) is the sigmoid of z
+    softmax = consistency_loss(torch.tensor([[[0.0, logit], [0.0, 0.0]]]))
+    assert float(softmax) == pytest.approx(float(binary), rel=1e-5)
+
+
+def test_consistency_training_step_adds_the_views_disagreement_to_both_views_losses():
+    from chexformer.model import build_model
+    from chexformer.module import ChexFormerModule, consistency_loss
+
+    cfg = Config(**{**TINY, "dropout_rate": 0.0, "attn_dropout": 0.0, "consistency": 3.0})
+    module = ChexFormerModule(cfg, ["NORMAL", "PNEUMONIA"], build_model(cfg),
+                              class_weight=torch.tensor([2.0])).eval()  # eval: BatchNorm fixed
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 2, 3, 64, 64), torch.tensor([0, 1, 1])
+    loss = module.training_step((x, y, torch.arange(3)), 0)
+    with torch.no_grad():
+        logits = module.model(x.flatten(0, 1))
+        supervised = module._loss(logits, torch.tensor([0, 0, 1, 1, 1, 1]))
+        jsd = consistency_loss(logits.view(3, 2, 1))
+    assert float(jsd) > 0
+    torch.testing.assert_close(loss.detach(), supervised + 3.0 * jsd)
+    for bad, match in (({"consistency": -1.0}, "consistency must not"), ({"augment": False}, "augment"),
+                       ({"mixup_alpha": 0.2}, "mixup"), ({"batch_size": 1}, "batch_size")):
+        with pytest.raises(ConfigError, match=match):
+            Config(**{**TINY, "consistency": 1.0, **bad}).validate()
+
+
+def test_consistency_trains_two_independent_views_of_half_as_many_images(tiny_data, tmp_path, monkeypatch):
+    from chexformer.module import ChexFormerModule
+    seen = []
+    step = ChexFormerModule.training_step
+
+    def record(self, batch, batch_idx):
+        seen.append(batch[0].clone())
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(ChexFormerModule, "training_step", record)
+    summary = train(_cfg(tiny_data, tmp_path / "views", epochs=1, consistency=1.0, batch_size=8), evaluate=False)
+    assert summary["epochs_run"] == 1
+    assert all(x.dim() == 5 and x.shape[1] == 2 and x.shape[0] <= 4 for x in seen)  # 8 views a step: 4 images
+    assert sum(x.shape[0] for x in seen) == summary["data"]["splits"]["train"]["images"]  # each image once, twice seen
+    assert all(not torch.equal(x[:, 0], x[:, 1]) for x in seen)  # augmented independently
+    with pytest.raises(ConfigError, match="consistency"):
+        train(_cfg(tiny_data, tmp_path / "frozen", epochs=1, consistency=1.0, freeze_cnn=True), evaluate=False)

@@ -23,7 +23,7 @@ from chexformer import shifts
 from chexformer.checkpoint import IMAGENET_MEAN, IMAGENET_STD
 from chexformer.config import Config
 from chexformer.data.cache import CachedFeatureDataset, FeatureCache, cache_key
-from chexformer.data.datasets import XrayDataset, build_transforms
+from chexformer.data.datasets import TwoViews, XrayDataset, build_transforms
 from chexformer.data.scan import (
     DatasetLayoutError,
     PatientOverlapError,
@@ -165,6 +165,8 @@ class XrayDataModule(L.LightningDataModule):
         self.val_images = XrayDataset(self.val_samples, cfg.img_size, cfg.keep_aspect,
                                            self.transforms(train=False), preload=preload)
         self.train_set, self.val_set = self.train_images, self.val_images
+        if cfg.consistency > 0:  # two independently augmented views of each image, half as many images a batch
+            self.train_set = TwoViews(self.train_images)
         self._flag_suspect_images()
         self._measure_sharpness()
         self._built = True
@@ -258,9 +260,10 @@ class XrayDataModule(L.LightningDataModule):
     # --- loaders ------------------------------------------------------------------------------------
     def _loader(self, dataset, shuffle: bool, sampler=None) -> DataLoader:
         workers = 0 if self.cached else self.cfg.num_workers
+        views = 2 if isinstance(dataset, TwoViews) else 1
         return DataLoader(
             dataset,
-            batch_size=self.cfg.batch_size,
+            batch_size=self.cfg.batch_size // views,  # two views: the same number of images a step's forward sees
             shuffle=shuffle and sampler is None,
             sampler=sampler,
             num_workers=workers,

@@ -30,7 +30,7 @@ from chexformer.data.scan import Sample
 
 log = logging.getLogger(__name__)
 
-__all__ = ["XrayDataset", "build_transforms", "resize_image"]
+__all__ = ["TwoViews", "XrayDataset", "build_transforms", "resize_image"]
 
 
 def resize_image(img: Image.Image, img_size: int, keep_aspect: bool = False) -> torch.Tensor:
@@ -214,3 +214,18 @@ class XrayDataset(Dataset):
         x = self.transform(img) if self.transform is not None else img.float().div_(255)
         return x, self.samples[i].label, i
 
+
+class TwoViews(Dataset):
+    """``dataset``'s samples as ``(views (2, ...), label, index)``: each view is a separate
+    ``dataset[i]``, so a training dataset's augmentation is drawn for each view independently
+    (``consistency``: the training step compares the model's predictions on the two)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        (a, label, index), (b, _, _) = self.dataset[i], self.dataset[i]
+        return torch.stack((a, b)), label, index
