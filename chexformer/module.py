@@ -55,8 +55,7 @@ def consistency_loss(logits: torch.Tensor) -> torch.Tensor:
     sigmoid (the distribution is (1 - p, p)) or (B, V, K) for softmax. 0 when the views agree."""
     logits = logits.float()
     if logits.shape[-1] == 1:
-        logp_pos = F.logsigmoid(logits)
-        logp = torch.cat((F.logsigmoid(-logits), logp_pos), dim=-1)  # (B, V, 2)
+        logp = torch.cat((F.logsigmoid(-logits), F.logsigmoid(logits)), dim=-1)  # (B, V, 2)
     else:
         logp = F.log_softmax(logits, dim=-1)
     p = logp.exp()
