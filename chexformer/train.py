@@ -274,7 +274,9 @@ def build_trainer(cfg: Config, dm: XrayDataModule, run: RunFolder, accelerator: 
         auto_insert_metric_name=False, enable_version_counter=False,
     )
     progressive = cfg.low_res_epochs > 0 or cfg.low_res_budget
-    budget = EpochBudget(cfg.epoch_budget_minutes, reserve=cfg.epoch_budget_reserve,
+    # the reserve counts single-view epochs; a two-view (consistency) epoch is about two of them
+    views = 2 if cfg.consistency > 0 else 1
+    budget = EpochBudget(cfg.epoch_budget_minutes, reserve=cfg.epoch_budget_reserve / views,
                          low_res_ratio=(cfg.low_res_size / cfg.img_size) ** 2 if progressive else None,
                          plan=cfg.low_res_budget) \
         if cfg.epoch_budget_minutes > 0 else None
@@ -461,7 +463,7 @@ def _time_budget(cfg: Config, trainer: L.Trainer) -> dict[str, Any]:
     budget = next((c for c in trainer.callbacks if isinstance(c, EpochBudget)), None)
     if budget is None:
         return {}
-    return {"time_budget": {"minutes": cfg.epoch_budget_minutes, "reserve": cfg.epoch_budget_reserve,
+    return {"time_budget": {"minutes": cfg.epoch_budget_minutes, "reserve": budget.reserve,
                             "epochs": cfg.epochs, "stopped_after_epoch": budget.stopped_after,
                             "low_res_epochs": budget.low_res_epochs}}
 

@@ -1436,3 +1436,12 @@ def test_consistency_trains_two_independent_views_of_half_as_many_images(tiny_da
     assert all(not torch.equal(x[:, 0], x[:, 1]) for x in seen)  # augmented independently
     with pytest.raises(ConfigError, match="consistency"):
         train(_cfg(tiny_data, tmp_path / "frozen", epochs=1, consistency=1.0, freeze_cnn=True), evaluate=False)
+
+
+def test_budget_reserve_counts_single_view_epochs_under_consistency(tiny_data, tmp_path):
+    # a two-view epoch costs about two single-view ones, while the steps after training score one view:
+    # the reserve of 2.5 longest epochs becomes 1.25 two-view epochs (summary.json: in the run's own epochs)
+    for name, consistency, reserve in (("one", 0.0, 2.5), ("two", 1.0, 1.25)):
+        summary = train(_cfg(tiny_data, tmp_path / name, epochs=1, consistency=consistency, batch_size=8,
+                             epoch_budget_minutes=600, epoch_budget_reserve=2.5), evaluate=False)
+        assert summary["epochs_run"] == 1 and summary["time_budget"]["reserve"] == reserve
