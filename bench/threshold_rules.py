@@ -19,11 +19,19 @@ under the suite's 24 shifts, one file per checkpoint):
 Rules: ``youden_clean`` (Youden's J on clean validation, middle of its flat top: the per-epoch cut of
 ``history.csv``), ``shift_robust``
 (J averaged over the clean and shifted copies: the stored rule) and ``worst`` (the smallest J over
-the copies, maximised: a minimax cut). Also printed: each rule chosen and scored on all images
+the copies, maximised: a minimax cut), and ``bagged`` (the shift-robust cut averaged over bootstrap
+resamples of the images, stratified by class: a bagged cut point, cutpointr's ``maximize_boot_metric``;
+image-level, as the rules see no patient ids). Also printed: each rule chosen and scored on all images
 (``in-sample``, as the suite table in ``validation_shift_suite.json`` does), and that all-image cut
 scored on the same held-out halves (``fixed_cut_worst_spec``): a half has half the images, so its
 worst case over 24 copies is lower even for a cut that saw it; the gap between this column and
 ``worst_spec`` is what choosing on the scored images flatters.
+
+A table of the stored rule's own sampling spread on each model: the shift-robust cut of
+``--resamples`` bootstrap resamples of the validation images (:func:`bootstrap_cuts`), as quantiles,
+and the range of cuts whose mean J is within 0.005 of its best (:func:`near_best`). Where it is as
+wide as the spread between seeds, the seeds' different cuts are mostly this noise of an argmax over a
+nearly flat J, not different models.
 
 Last, a table of the models themselves (:func:`frontier`): the highest worst-case specificity any cut
 reaches while worst-case sensitivity stays >= ``--min-sens`` (0.93, the goal's), so two models (or an
@@ -46,6 +54,7 @@ RULES: dict[str, Callable[[np.ndarray, Probs], float]] = {
     "youden_clean": lambda y, probs: robust_threshold(y, {"clean": probs["clean"]}),
     "shift_robust": lambda y, probs: robust_threshold(y, probs),
     "worst": lambda y, probs: robust_threshold(y, probs, aggregate="worst"),
+    "bagged": lambda y, probs: float(bootstrap_cuts(y, probs, resample_indices(y, 200, seed=0)).mean()),
 }
 COLUMNS = ("threshold", "clean_sens", "clean_spec", "worst_sens", "worst_spec", "mean_sens", "mean_spec",
            "unseen_kind_worst_sens", "unseen_kind_worst_spec", "fixed_cut_worst_spec")
@@ -135,6 +144,53 @@ def frontier(y: np.ndarray, probs: Probs, min_sens: float, grid: int = 999) -> t
     return float(ts[i]), float(spec[i]), float(sens[i])
 
 
+def resample_indices(y: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """``(resamples, len(y))`` image indices, each row a bootstrap resample drawn with replacement
+    within each class (so every resample keeps the class counts)."""
+    rng = np.random.default_rng(seed)
+    y = np.asarray(y).astype(bool)
+    rows = np.empty((resamples, len(y)), dtype=np.int64)
+    for members in (np.flatnonzero(y), np.flatnonzero(~y)):
+        rows[:, members] = members[rng.integers(0, len(members), size=(resamples, len(members)))]
+    return rows
+
+
+def bootstrap_cuts(y: np.ndarray, probs: Probs, indices: np.ndarray, grid: int = 999) -> np.ndarray:
+    """The shift-robust cut (:func:`robust_threshold`, mean Youden J over the copies) of each
+    resample in ``indices`` (rows of :func:`resample_indices`, the same images in every copy).
+    Counts, not copies: a resample is a count per image, and each copy's sensitivity and
+    specificity at every cut come from the counts binned at the grid."""
+    y = np.asarray(y).astype(bool)
+    cuts = np.linspace(0.001, 0.999, grid)
+    r = len(indices)
+    weights = np.stack([np.bincount(row, minlength=len(y)) for row in indices]).astype(float)
+    offsets = (np.arange(r) * (grid + 1))[:, None]
+    j = np.zeros((r, grid))
+    for p in probs.values():
+        above = np.searchsorted(cuts, p, side="right")  # p >= cuts[k] exactly when k < above
+        flat = (offsets + above[None, :]).ravel()
+        pos, neg = (np.bincount(flat, weights=(weights * m).ravel(), minlength=r * (grid + 1)).reshape(r, grid + 1)
+                    for m in (y, ~y))
+        sens = np.cumsum(pos[:, ::-1], axis=1)[:, ::-1][:, 1:] / pos.sum(1, keepdims=True)
+        spec = np.cumsum(neg, axis=1)[:, :grid] / neg.sum(1, keepdims=True)
+        j += sens + spec - 1
+    j /= len(probs)
+    out = np.empty(r)
+    for i, row in enumerate(j):  # the middle of a flat top, as robust_threshold resolves ties
+        best = np.flatnonzero(row >= row.max() - 1e-9)
+        out[i] = cuts[best[len(best) // 2]]
+    return out
+
+
+def near_best(y: np.ndarray, probs: Probs, tolerance: float = 0.005) -> tuple[float, float]:
+    """The lowest and highest cut whose Youden J averaged over the copies (the stored rule's curve)
+    is within ``tolerance`` of its maximum: how flat that curve is around the stored cut."""
+    cuts, sens, spec = cut_grid(y, probs)
+    j = (sens + spec - 1).mean(0)
+    near = np.flatnonzero(j >= j.max() - tolerance - 1e-9)
+    return float(cuts[near[0]]), float(cuts[near[-1]])
+
+
 def in_sample(y: np.ndarray, probs: Probs) -> dict[str, dict[str, float]]:
     return {name: score(y, probs, rule(y, probs)) for name, rule in RULES.items()}
 
@@ -153,10 +209,12 @@ def main() -> None:
     p.add_argument("files", type=Path, nargs="+", help="npz files of bench/threshold_epochs.py --save-probs")
     p.add_argument("--repeats", type=int, default=10, help="random patient halves per checkpoint (each used both ways)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resamples", type=int, default=1000,
+                   help="bootstrap resamples for the table of the stored rule's sampling spread")
     p.add_argument("--min-sens", type=float, default=0.93,
                    help="worst-case sensitivity at which the frontier table compares models (the goal's 0.93)")
     a = p.parse_args()
-    inside, held, front = {}, {}, {}
+    inside, held, front, spread = {}, {}, {}, {}
     for path in a.files:
         y, patients, probs = load(path)
         if "clean" not in probs or len(probs) < 2:
@@ -165,6 +223,7 @@ def main() -> None:
         inside[path.stem] = in_sample(y, probs)
         held[path.stem] = cross_fit(y, patients, probs, a.repeats, a.seed)
         front[path.stem] = frontier(y, probs, a.min_sens)
+        spread[path.stem] = (bootstrap_cuts(y, probs, resample_indices(y, a.resamples, a.seed)), near_best(y, probs))
         print(f"{path.stem}: {len(y)} images, {len(np.unique(patients))} patients, {len(probs) - 1} shifted copies",
               flush=True)
     print(table("In-sample (cut chosen and scored on all validation images)", inside, COLUMNS[:7]))
@@ -175,6 +234,14 @@ def main() -> None:
         for name in RULES:
             print(f"| {name} | " + " | ".join(f"{np.mean([h[name][c] for h in held.values()]):.3f}" for c in COLUMNS)
                   + " |")
+    print(f"\nThe stored rule's cut (shift_robust) on {a.resamples} bootstrap resamples of each checkpoint's "
+          "validation images: its sampling spread on one model")
+    print("| checkpoint | cut on all images | q10 | q25 | median | q75 | q90 | sd | cuts within 0.005 of the best "
+          "mean J |\n|---|---|---|---|---|---|---|---|---|")
+    for ckpt, (cuts, near) in spread.items():
+        qs = " | ".join(f"{q:.3f}" for q in np.quantile(cuts, [0.1, 0.25, 0.5, 0.75, 0.9]))
+        print(f"| {ckpt} | {inside[ckpt]['shift_robust']['threshold']:.3f} | {qs} | {cuts.std():.3f} | "
+              f"{near[0]:.3f}-{near[1]:.3f} |")
     print(f"\nFrontier (in-sample, an oracle cut): the highest suite worst-case specificity at a worst-case "
           f"sensitivity >= {a.min_sens}")
     print("| checkpoint | cut | worst_spec | worst_sens |\n|---|---|---|---|")

@@ -279,6 +279,34 @@ def test_ensemble_probs_averages_members_scored_on_the_same_images(tmp_path):
         ensemble.average([paths[0], tmp_path / "fewer.npz"])
 
 
+def test_threshold_rules_bootstrap_cuts_are_the_shift_robust_cut_of_each_resample():
+    """The counting shortcut must give, for every resample, exactly the cut robust_threshold finds
+    on the resampled images themselves; resamples keep the class counts."""
+    import numpy as np
+
+    from chexformer.robustness import robust_threshold
+
+    rng = np.random.default_rng(2)
+    n = 120
+    y = np.arange(n) % 3 == 0
+    on_grid = np.linspace(0.001, 0.999, 999)  # values on the rules' cut grid: ties at a cut must count as positive
+
+    def draw(a, b):
+        return on_grid[np.minimum((rng.beta(a, b, n) * 999).astype(int), 998)]
+
+    probs = {"clean": np.where(y, draw(5, 2), draw(2, 5)), "drift/severe": np.where(y, draw(5, 2), draw(3, 4))}
+    rules = _threshold_rules()
+    indices = rules.resample_indices(y, 25, seed=4)
+    assert indices.shape == (25, n) and all(y[row].sum() == y.sum() for row in indices)
+    assert len({row.tobytes() for row in indices}) == 25
+    cuts = rules.bootstrap_cuts(y, probs, indices)
+    expected = [robust_threshold(y[row], {k: p[row] for k, p in probs.items()}) for row in indices]
+    assert cuts == pytest.approx(expected, abs=1e-12)
+    assert np.ptp(cuts) > 0.01  # resampling moves the argmax of this overlapping set
+    identity = np.arange(n)[None, :]
+    assert rules.bootstrap_cuts(y, probs, identity)[0] == pytest.approx(robust_threshold(y, probs), abs=1e-12)
+
+
 def test_threshold_rules_halves_keep_patients_whole_and_both_classes_on_each_side():
     import numpy as np
 
