@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chexformer.robustness import cut_grid, robust_threshold, suite_table
+from chexformer.robustness import cut_grid, cut_values, middle_of_best, robust_threshold, suite_table
 
 Probs = dict[str, np.ndarray]
 
@@ -161,7 +161,7 @@ def bootstrap_cuts(y: np.ndarray, probs: Probs, indices: np.ndarray, grid: int =
     Counts, not copies: a resample is a count per image, and each copy's sensitivity and
     specificity at every cut come from the counts binned at the grid."""
     y = np.asarray(y).astype(bool)
-    cuts = np.linspace(0.001, 0.999, grid)
+    cuts = cut_values(grid)
     r = len(indices)
     weights = np.stack([np.bincount(row, minlength=len(y)) for row in indices]).astype(float)
     offsets = (np.arange(r) * (grid + 1))[:, None]
@@ -174,12 +174,7 @@ def bootstrap_cuts(y: np.ndarray, probs: Probs, indices: np.ndarray, grid: int =
         sens = np.cumsum(pos[:, ::-1], axis=1)[:, ::-1][:, 1:] / pos.sum(1, keepdims=True)
         spec = np.cumsum(neg, axis=1)[:, :grid] / neg.sum(1, keepdims=True)
         j += sens + spec - 1
-    j /= len(probs)
-    out = np.empty(r)
-    for i, row in enumerate(j):  # the middle of a flat top, as robust_threshold resolves ties
-        best = np.flatnonzero(row >= row.max() - 1e-9)
-        out[i] = cuts[best[len(best) // 2]]
-    return out
+    return np.array([middle_of_best(cuts, row / len(probs)) for row in j])
 
 
 def near_best(y: np.ndarray, probs: Probs, tolerance: float = 0.005) -> tuple[float, float]:

@@ -35,8 +35,8 @@ from chexformer.shifts import SHIFT_SUITE, apply_shift
 
 log = logging.getLogger(__name__)
 
-__all__ = ["shift_suite_logits", "suite_table", "cut_grid", "robust_threshold", "operating_threshold", "SHIFT_RULES",
-           "SEVERITY_NAMES", "shifted_copies"]
+__all__ = ["shift_suite_logits", "suite_table", "cut_values", "middle_of_best", "cut_grid", "robust_threshold",
+           "operating_threshold", "SHIFT_RULES", "SEVERITY_NAMES", "shifted_copies"]
 
 SEVERITY_NAMES = ("mild", "moderate", "severe")
 
@@ -91,13 +91,24 @@ def suite_table(y: np.ndarray, probs: dict[str, np.ndarray], threshold: float) -
     return {"threshold": float(threshold), "rows": rows, **summary, "worst_shift": worst_keys}
 
 
+def cut_values(grid: int = 999) -> np.ndarray:
+    """The candidate cuts of the threshold rules: ``grid`` evenly spaced in [0.001, 0.999]."""
+    return np.linspace(0.001, 0.999, grid)
+
+
+def middle_of_best(cuts: np.ndarray, j: np.ndarray) -> float:
+    """The cut maximising ``j`` (one value per cut); a flat top resolves to the middle of the best range."""
+    best = np.flatnonzero(j >= j.max() - 1e-9)
+    return float(cuts[best[len(best) // 2]])
+
+
 def cut_grid(y: np.ndarray, probs: dict[str, np.ndarray],
              grid: int = 999) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every candidate cut of the threshold rules and each copy's sensitivity and specificity at
     it: ``(cuts, sens, spec)``, the last two of shape ``(copies, cuts)`` in the order of ``probs``.
     A cut ``t`` calls a probability ``>= t`` positive."""
     y = np.asarray(y).astype(bool)
-    cuts = np.linspace(0.001, 0.999, grid)
+    cuts = cut_values(grid)
     ps = [np.asarray(p) for p in probs.values()]
     sens = np.stack([(p[y][:, None] >= cuts).mean(0) for p in ps])
     spec = np.stack([(p[~y][:, None] < cuts).mean(0) for p in ps])
@@ -114,9 +125,7 @@ def robust_threshold(y: np.ndarray, probs: dict[str, np.ndarray], grid: int = 99
         raise ValueError(f"aggregate must be 'mean' or 'worst', got {aggregate!r}")
     cuts, sens, spec = cut_grid(y, probs, grid)
     js = sens + spec - 1
-    j = js.mean(0) if aggregate == "mean" else js.min(0)
-    best = np.flatnonzero(j >= j.max() - 1e-9)
-    return float(cuts[best[len(best) // 2]])
+    return middle_of_best(cuts, js.mean(0) if aggregate == "mean" else js.min(0))
 
 
 SHIFT_RULES = {"shift_robust": "mean", "shift_worst": "worst"}
