@@ -33,6 +33,11 @@ and the range of cuts whose mean J is within 0.005 of its best (:func:`near_best
 wide as the spread between seeds, the seeds' different cuts are mostly this noise of an argmax over a
 nearly flat J, not different models.
 
+Where that curve is flat (:func:`band_shares`): each class's share of the images, pooled over the
+copies, in bands of probability. Mean J at one cut minus mean J at a lower one is the normals' share
+between them minus the pneumonias' share, so a band where the two shares match adds nothing to J:
+the table shows which images make the curve flat between two cuts.
+
 Last, a table of the models themselves (:func:`frontier`): the highest worst-case specificity any cut
 reaches while worst-case sensitivity stays >= ``--min-sens`` (0.93, the goal's), so two models (or an
 ensemble and its members) are compared at one sensitivity rather than at the cuts their rule chose.
@@ -186,6 +191,20 @@ def near_best(y: np.ndarray, probs: Probs, tolerance: float = 0.005) -> tuple[fl
     return float(cuts[near[0]]), float(cuts[near[-1]])
 
 
+BANDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
+
+
+def band_shares(y: np.ndarray, probs: Probs, edges=BANDS) -> tuple[np.ndarray, np.ndarray]:
+    """Each class's share of the images, pooled over the copies (each copy holds the same images),
+    with probability in ``[edges[i], edges[i + 1])``: ``(normals, pneumonias)``. The mean over the
+    copies of Youden's J at ``edges[j]`` minus that at ``edges[i]`` is the sum of
+    ``normals - pneumonias`` over the bands between them."""
+    y = np.asarray(y).astype(bool)
+    p = np.stack(list(probs.values()))
+    shares = [np.histogram(p[:, m].ravel(), np.asarray(edges))[0] / p[:, m].size for m in (~y, y)]
+    return shares[0], shares[1]
+
+
 def in_sample(y: np.ndarray, probs: Probs) -> dict[str, dict[str, float]]:
     return {name: score(y, probs, rule(y, probs)) for name, rule in RULES.items()}
 
@@ -209,7 +228,7 @@ def main() -> None:
     p.add_argument("--min-sens", type=float, default=0.93,
                    help="worst-case sensitivity at which the frontier table compares models (the goal's 0.93)")
     a = p.parse_args()
-    inside, held, front, spread = {}, {}, {}, {}
+    inside, held, front, spread, bands = {}, {}, {}, {}, {}
     for path in a.files:
         y, patients, probs = load(path)
         if "clean" not in probs or len(probs) < 2:
@@ -218,6 +237,7 @@ def main() -> None:
         inside[path.stem] = in_sample(y, probs)
         held[path.stem] = cross_fit(y, patients, probs, a.repeats, a.seed)
         front[path.stem] = frontier(y, probs, a.min_sens)
+        bands[path.stem] = band_shares(y, probs)
         spread[path.stem] = (bootstrap_cuts(y, probs, resample_indices(y, a.resamples, a.seed)), near_best(y, probs))
         print(f"{path.stem}: {len(y)} images, {len(np.unique(patients))} patients, {len(probs) - 1} shifted copies",
               flush=True)
@@ -237,6 +257,14 @@ def main() -> None:
         qs = " | ".join(f"{q:.3f}" for q in np.quantile(cuts, [0.1, 0.25, 0.5, 0.75, 0.9]))
         print(f"| {ckpt} | {inside[ckpt]['shift_robust']['threshold']:.3f} | {qs} | {cuts.std():.3f} | "
               f"{near[0]:.3f}-{near[1]:.3f} |")
+    names = [f"{lo:g}-{hi:g}" for lo, hi in zip(BANDS[:-1], BANDS[1:])]
+    print(f"\nWhere the mean-J curve is flat: % of each class's images (all copies) per probability band, "
+          f"NORMAL / PNEUMONIA; the last column is mean J at {BANDS[-2]:g} minus mean J at {BANDS[1]:g}")
+    print("| checkpoint | " + " | ".join(names) + f" | J({BANDS[-2]:g}) - J({BANDS[1]:g}) |\n|---|"
+          + "---|" * (len(names) + 1))
+    for ckpt, (neg, pos) in bands.items():
+        cells = " | ".join(f"{100 * a:.1f} / {100 * b:.1f}" for a, b in zip(neg, pos))
+        print(f"| {ckpt} | {cells} | {neg[1:-1].sum() - pos[1:-1].sum():+.4f} |")
     print(f"\nFrontier (in-sample, an oracle cut): the highest suite worst-case specificity at a worst-case "
           f"sensitivity >= {a.min_sens}")
     print("| checkpoint | cut | worst_spec | worst_sens |\n|---|---|---|---|")

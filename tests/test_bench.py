@@ -307,6 +307,30 @@ def test_threshold_rules_bootstrap_cuts_are_the_shift_robust_cut_of_each_resampl
     assert rules.bootstrap_cuts(y, probs, identity)[0] == pytest.approx(robust_threshold(y, probs), abs=1e-12)
 
 
+def test_threshold_rules_band_shares_add_up_to_the_change_of_mean_j_between_two_cuts():
+    """Each class's share per band, pooled over the copies, is the mean-J change between cuts."""
+    import numpy as np
+
+    from chexformer.robustness import cut_grid
+
+    rng = np.random.default_rng(5)
+    n = 300
+    y = np.arange(n) % 4 == 0
+    probs = {"clean": np.where(y, rng.beta(6, 2, n), rng.beta(2, 6, n)),
+             "blur/severe": np.where(y, rng.beta(4, 2, n), rng.beta(3, 3, n))}
+    rules = _threshold_rules()
+    neg, pos = rules.band_shares(y, probs)
+    assert len(neg) == len(pos) == len(rules.BANDS) - 1
+    assert neg.sum() == pytest.approx(np.mean([(p[~y] >= 0.5) & (p[~y] <= 0.98) for p in probs.values()]))
+    assert pos.sum() == pytest.approx(np.mean([(p[y] >= 0.5) & (p[y] <= 0.98) for p in probs.values()]))
+    cuts, sens, spec = cut_grid(y, probs)
+    j = (sens + spec - 1).mean(0)
+    at = {t: int(np.argmin(np.abs(cuts - t))) for t in (0.6, 0.8, 0.95)}
+    assert neg[1:6].sum() - pos[1:6].sum() == pytest.approx(j[at[0.95]] - j[at[0.6]], abs=1e-12)
+    assert neg[1:3].sum() - pos[1:3].sum() == pytest.approx(j[at[0.8]] - j[at[0.6]], abs=1e-12)
+    assert abs(neg[1:6].sum() - pos[1:6].sum()) > 0.01  # not trivially zero on these data
+
+
 def test_threshold_rules_halves_keep_patients_whole_and_both_classes_on_each_side():
     import numpy as np
 
