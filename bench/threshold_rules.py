@@ -196,13 +196,24 @@ BANDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
 
 def band_shares(y: np.ndarray, probs: Probs, edges=BANDS) -> tuple[np.ndarray, np.ndarray]:
     """Each class's share of the images, pooled over the copies (each copy holds the same images),
-    with probability in ``[edges[i], edges[i + 1])``: ``(normals, pneumonias)``. The mean over the
+    with probability in ``[edges[i], edges[i + 1])`` (the last band closed, numpy's histogram):
+    ``(normals, pneumonias)``, the negative and positive class. The mean over the
     copies of Youden's J at ``edges[j]`` minus that at ``edges[i]`` is the sum of
     ``normals - pneumonias`` over the bands between them."""
     y = np.asarray(y).astype(bool)
     p = np.stack(list(probs.values()))
     shares = [np.histogram(p[:, m].ravel(), np.asarray(edges))[0] / p[:, m].size for m in (~y, y)]
     return shares[0], shares[1]
+
+
+def labels(paths: list[Path]) -> list[str]:
+    """A table name for each file: its stem, or ``folder/stem`` where two files share a stem (the
+    files of two ``--save-probs`` folders are named alike), so that no row replaces another."""
+    stems = [path.stem for path in paths]
+    names = [f"{path.parent.name}/{path.stem}" if stems.count(path.stem) > 1 else path.stem for path in paths]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"threshold_rules: files given twice or not told apart by folder and name: {names}")
+    return names
 
 
 def in_sample(y: np.ndarray, probs: Probs) -> dict[str, dict[str, float]]:
@@ -229,17 +240,17 @@ def main() -> None:
                    help="worst-case sensitivity at which the frontier table compares models (the goal's 0.93)")
     a = p.parse_args()
     inside, held, front, spread, bands = {}, {}, {}, {}, {}
-    for path in a.files:
+    for path, name in zip(a.files, labels(a.files)):
         y, patients, probs = load(path)
         if "clean" not in probs or len(probs) < 2:
             raise SystemExit(f"{path}: no clean and shifted probabilities "
                              "(write it with threshold_epochs.py --save-probs)")
-        inside[path.stem] = in_sample(y, probs)
-        held[path.stem] = cross_fit(y, patients, probs, a.repeats, a.seed)
-        front[path.stem] = frontier(y, probs, a.min_sens)
-        bands[path.stem] = band_shares(y, probs)
-        spread[path.stem] = (bootstrap_cuts(y, probs, resample_indices(y, a.resamples, a.seed)), near_best(y, probs))
-        print(f"{path.stem}: {len(y)} images, {len(np.unique(patients))} patients, {len(probs) - 1} shifted copies",
+        inside[name] = in_sample(y, probs)
+        held[name] = cross_fit(y, patients, probs, a.repeats, a.seed)
+        front[name] = frontier(y, probs, a.min_sens)
+        bands[name] = band_shares(y, probs)
+        spread[name] = (bootstrap_cuts(y, probs, resample_indices(y, a.resamples, a.seed)), near_best(y, probs))
+        print(f"{name}: {len(y)} images, {len(np.unique(patients))} patients, {len(probs) - 1} shifted copies",
               flush=True)
     print(table("In-sample (cut chosen and scored on all validation images)", inside, COLUMNS[:7]))
     print(table(f"Held-out patients ({a.repeats} random halves x 2), and a held-out shift family", held, COLUMNS))

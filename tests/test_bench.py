@@ -331,6 +331,17 @@ def test_threshold_rules_band_shares_add_up_to_the_change_of_mean_j_between_two_
     assert abs(neg[1:6].sum() - pos[1:6].sum()) > 0.01  # not trivially zero on these data
 
 
+def test_threshold_rules_names_files_of_two_folders_apart():
+    """Two --save-probs folders name their files alike; no table row may replace another."""
+    from pathlib import Path
+
+    rules = _threshold_rules()
+    paths = [Path("a/probs/s42-best.npz"), Path("b/probs2/s42-best.npz"), Path("b/probs2/s1-best.npz")]
+    assert rules.labels(paths) == ["probs/s42-best", "probs2/s42-best", "s1-best"]
+    with pytest.raises(SystemExit, match="given twice"):
+        rules.labels([Path("a/probs/s1-best.npz"), Path("b/probs/s1-best.npz")])
+
+
 def test_threshold_rules_halves_keep_patients_whole_and_both_classes_on_each_side():
     import numpy as np
 
