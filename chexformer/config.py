@@ -174,6 +174,10 @@ class Config:
     """Random affine and brightness/contrast jitter on training images (never flips)."""
     rotation_deg: float = 7.0
     """Largest random rotation in degrees (augmentation)."""
+    pad_fill: Literal["black", "random"] = "black"
+    """What the random affine fills the area it uncovers with (rotated corners, a zoomed-out frame):
+    ``black``, or ``random``, one grey level drawn uniformly from 0-255 for each image, so a uniform
+    region of any level, black included, says nothing about the class."""
     translate: float = 0.06
     """Largest random shift as a fraction of the image side (augmentation)."""
     scale_min: float = 0.9

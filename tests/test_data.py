@@ -542,6 +542,12 @@ def test_build_transforms_contracts():
     for bad in ({"edge_occlusion": 1.5}, {"edge_occlusion_max": 0.5}, {"edge_occlusion_max": 0.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             cfg.replace(**bad)
+    # pad_fill: what the training affine uncovers is filled with one random grey level per image
+    pads = [t for t in build_transforms(cfg.replace(pad_fill="random"), train=True, mean=mean, std=std).transforms
+            if type(t).__name__ == "RandomAffinePad"]
+    assert len(pads) == 1 and pads[0].fill == "random"
+    with pytest.raises(ValueError, match="pad_fill"):
+        cfg.replace(pad_fill="white")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -156,3 +156,35 @@ def test_hide_edges_sets_each_band_to_the_mean_grey_and_keeps_the_middle():
     torch.manual_seed(0)
     changed = [not torch.equal(RandomEdgeOcclusion(p=1.0, max_fraction=0.3)(x), x) for _ in range(20)]
     assert all(changed)
+
+
+def test_random_affine_pad_black_is_torchvisions_affine_and_random_fills_one_level_per_image():
+    from torchvision.transforms import v2
+
+    from chexformer.shifts import RandomAffinePad
+
+    x = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(251).reshape(3, 32, 32).to(torch.uint8)
+    torchvisions = v2.RandomAffine(degrees=7, translate=(0.06, 0.06), scale=(0.85, 1.25),
+                                   interpolation=v2.InterpolationMode.BILINEAR, fill=0)
+    for seed in range(5):  # the recipe's transform: the same draws, the same pixels
+        torch.manual_seed(seed)
+        ours = RandomAffinePad(7, 0.06, (0.85, 1.25))(x)
+        torch.manual_seed(seed)
+        assert torch.equal(ours, torchvisions(x))
+    # zoomed out to half: the frame around the image is uncovered; "random" fills it with one grey
+    # level per image (the same in every channel), drawn anew for each image
+    flat = torch.full((3, 32, 32), 200, dtype=torch.uint8)
+    pad = RandomAffinePad(0.0, 0.0, (0.5, 0.5), fill="random")
+    torch.manual_seed(0)
+    levels = []
+    for _ in range(8):
+        out = pad(flat)
+        frame = torch.cat([out[:, :6].flatten(), out[:, -6:].flatten(),
+                           out[:, :, :6].flatten(), out[:, :, -6:].flatten()])
+        assert (frame == frame[0]).all() and out.dtype == torch.uint8
+        assert (out[:, 10:22, 10:22] == 200).all()  # the image itself, untouched
+        levels.append(int(frame[0]))
+    assert len(set(levels)) >= 6
+    assert (RandomAffinePad(0.0, 0.0, (0.5, 0.5))(flat)[:, :6] == 0).all()  # "black" pads black
+    with pytest.raises(ValueError, match="fill"):
+        RandomAffinePad(7, 0.06, (0.85, 1.25), fill="white")

@@ -237,7 +237,7 @@ class XrayDataModule(L.LightningDataModule):
         cfg = self.cfg
         views = cfg.cache_views if cfg.augment else 1
         desc = json.dumps({k: getattr(cfg, k) for k in (
-            "img_size", "keep_aspect", "augment", "rotation_deg", "translate", "scale_min", "scale_max",
+            "img_size", "keep_aspect", "augment", "rotation_deg", "pad_fill", "translate", "scale_min", "scale_max",
             "brightness", "contrast", "acquisition_aug", "acquisition_strength", "sharpness_match", "intensity",
             "random_erasing", "edge_occlusion", "edge_occlusion_max", "seed")}
             | {"mean": self.mean, "std": self.std, "precision": precision}, sort_keys=True)

@@ -54,7 +54,8 @@ def resize_image(img: Image.Image, img_size: int, keep_aspect: bool = False) -> 
 def build_transforms(cfg, train: bool, mean: Sequence[float] | float, std: Sequence[float] | float) -> Callable:
     """uint8 (3, S, S) tensor, already resized -> normalised float32 tensor, the model input.
 
-    Training (with ``cfg.augment``): a small random affine (rotation, translation, scale),
+    Training (with ``cfg.augment``): a small random affine (rotation, translation, scale; what it
+    uncovers filled as ``cfg.pad_fill`` says),
     brightness/contrast jitter and, with ``acquisition_aug > 0``, random acquisition changes
     (:class:`chexformer.shifts.RandomAcquisition`: resolution loss, blur, gamma, noise, JPEG), with
     ``edge_occlusion > 0`` bands along the edges hidden (:class:`chexformer.shifts.RandomEdgeOcclusion`) and,
@@ -68,13 +69,8 @@ def build_transforms(cfg, train: bool, mean: Sequence[float] | float, std: Seque
     steps: list = []
     if train and cfg.augment:
         steps += [
-            v2.RandomAffine(
-                degrees=cfg.rotation_deg,
-                translate=(cfg.translate, cfg.translate),
-                scale=(cfg.scale_min, cfg.scale_max),
-                interpolation=v2.InterpolationMode.BILINEAR,
-                fill=0,
-            ),
+            shifts.RandomAffinePad(cfg.rotation_deg, cfg.translate, (cfg.scale_min, cfg.scale_max),
+                                   fill=getattr(cfg, "pad_fill", "black")),
             v2.ColorJitter(brightness=cfg.brightness, contrast=cfg.contrast),
         ]
         if getattr(cfg, "acquisition_aug", 0) > 0:
