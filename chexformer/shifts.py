@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
+from torchvision.transforms import RandomAffine
 from torchvision.transforms.v2 import functional as TF
 
 from chexformer.data.io import INTENSITY_PERCENTILES
@@ -243,33 +243,28 @@ class RandomEdgeOcclusion(torch.nn.Module):
 
 class RandomAffinePad(torch.nn.Module):
     """Training augmentation: a random rotation (up to ``degrees``), shift (up to ``translate`` of
-    the side) and zoom (``scale``), bilinear, as torchvision's ``RandomAffine``; what it uncovers
-    (rotated corners, the frame of a zoomed-out image) is filled with ``fill``: ``"black"`` (exactly
-    ``RandomAffine(fill=0)``, the same random draws) or ``"random"``, one grey level drawn uniformly
-    from 0-255 for each image, so a uniform area of any level, black included, carries no class."""
+    the side) and zoom (``scale``), bilinear, drawn by torchvision's ``RandomAffine.get_params``;
+    what it uncovers (rotated corners, the frame of a zoomed-out image) is filled with ``fill``:
+    ``"black"`` (exactly ``v2.RandomAffine(fill=0)``, the same random draws) or ``"random"``, one
+    grey level drawn uniformly from 0-255 for each image, so a uniform area of any level, black
+    included, carries no class."""
 
     def __init__(self, degrees: float, translate: float, scale: tuple[float, float], fill: str = "black") -> None:
         super().__init__()
         if fill not in ("black", "random"):
             raise ValueError(f"fill must be 'black' or 'random', got {fill!r}")
-        self.fill = fill
-        self.affine = v2.RandomAffine(degrees=degrees, translate=(translate, translate), scale=scale,
-                                      interpolation=v2.InterpolationMode.BILINEAR, fill=0)
+        self.degrees, self.translate, self.scale, self.fill = float(degrees), float(translate), tuple(scale), fill
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fill == "black":
-            return self.affine(x)
         h, w = x.shape[-2:]
-        (a0, a1), (tx, ty), (s0, s1) = self.affine.degrees, self.affine.translate, self.affine.scale
-        angle = float(torch.empty(1).uniform_(a0, a1))
-        shift = [int(round(float(torch.empty(1).uniform_(-m, m)))) for m in (tx * w, ty * h)]
-        zoom = float(torch.empty(1).uniform_(s0, s1))
-        level = float(torch.randint(0, 256, ()))
-        return TF.affine(x, angle=angle, translate=shift, scale=zoom, shear=[0.0, 0.0],
-                         interpolation=v2.InterpolationMode.BILINEAR, fill=[level] * x.shape[-3])
+        angle, shift, zoom, shear = RandomAffine.get_params(
+            [-self.degrees, self.degrees], [self.translate, self.translate], list(self.scale), None, [w, h])
+        level = 0.0 if self.fill == "black" else float(torch.randint(0, 256, ()))  # black draws nothing more
+        return TF.affine(x, angle=angle, translate=list(shift), scale=zoom, shear=list(shear),
+                         interpolation=TF.InterpolationMode.BILINEAR, fill=[level] * x.shape[-3])
 
     def extra_repr(self) -> str:
-        return f"fill={self.fill!r}"
+        return f"degrees={self.degrees}, translate={self.translate}, scale={self.scale}, fill={self.fill!r}"
 
 
 # ----------------------------------------------------------------------------------------------
