@@ -7,7 +7,10 @@
 Each variant is ``configs/kermany.yaml`` plus the overrides in :data:`VARIANTS`, trained with
 ``chexformer train`` (one process at a time: the timings are comparable), into
 ``OUT/<variant>-s<seed>/``. A finished run is reused, so the command can be re-run to extend a
-table. ``--report`` only prints the table of what exists. Columns: validation AUC and
+table. ``--report`` only prints the table of what exists. Every variant of :data:`VARIANTS` was measured
+against the single-view, black-padded recipe (the config before ``consistency: 12`` and
+``pad_fill: random``), so :data:`SINGLE_VIEW_RECIPE` restores that recipe under its overrides (and,
+with ``--epochs 0``, its 14 epochs); the variant ``current`` is the config as it stands. Columns: validation AUC and
 sensitivity/specificity at the stored threshold (clean), the suite's mean and worst-case AUC and
 specificity at that threshold, the threshold itself, the clean-Youden cut of the same checkpoint
 and its range over the run's epochs (``history.csv``), how best.ckpt was selected
@@ -104,22 +107,42 @@ VARIANTS: dict[str, list[str]] = {
     "recipe_e7_anneal": ["--epochs", "7", "--epoch-budget-minutes", "0", "--final-anneal-epochs", "2"],
     "recipe_e10": ["--epochs", "10", "--epoch-budget-minutes", "0", "--final-anneal-epochs", "0"],
     "recipe_e10_anneal": ["--epochs", "10", "--epoch-budget-minutes", "0", "--final-anneal-epochs", "2"],
+    # the config as it stands (two-view consistency epochs, random grey padding): no pins
+    "current": [],
 }
+
+# What the record compared every variant above (except "current") with: the single-view recipe with
+# black padding, before the config adopted consistency 12 with 7 two-view epochs (stop 58) and
+# pad_fill random (stop 62). Without it a variant would now differ from its recorded runs in more
+# than its own overrides.
+SINGLE_VIEW_RECIPE = ["--consistency", "0", "--pad-fill", "black"]
+SINGLE_VIEW_EPOCHS = 14  # the single-view recipe's schedule, used with --epochs 0 (the config's own is two-view)
+UNPINNED = {"current"}
 
 
 def run_dir(out: Path, variant: str, seed: int) -> Path:
     return out / f"{variant}-s{seed}"
 
 
+def train_command(args: argparse.Namespace, variant: str, seed: int) -> list[str]:
+    """The ``chexformer train`` arguments of one run: the pins, then the bench's size and epochs, then
+    the variant's own overrides (the last of a repeated option wins)."""
+    pinned = variant not in UNPINNED
+    epochs = args.epochs or (SINGLE_VIEW_EPOCHS if pinned else 0)
+    return ["train", "--config", str(args.config), "--data-dir", str(args.data_dir),
+            "--out-dir", str(run_dir(args.out_dir, variant, seed)), "--seed", str(seed), "--log-images-every", "0",
+            *(SINGLE_VIEW_RECIPE if pinned else []),
+            *(["--img-size", str(args.img_size)] if args.img_size else []),
+            *(["--epochs", str(epochs)] if epochs else []),
+            *(["--max-minutes", "0", "--patience", "100"] if args.epochs else []),
+            *VARIANTS[variant]]
+
+
 def train(args: argparse.Namespace, variant: str, seed: int) -> None:
     out = run_dir(args.out_dir, variant, seed)
     if (out / "summary.json").is_file():
         return
-    cmd = [sys.executable, "-m", "chexformer", "train", "--config", str(args.config), "--data-dir",
-           str(args.data_dir), "--out-dir", str(out), "--seed", str(seed), "--log-images-every", "0",
-           *(["--img-size", str(args.img_size)] if args.img_size else []),
-           *(["--epochs", str(args.epochs), "--max-minutes", "0", "--patience", "100"] if args.epochs else []),
-           *VARIANTS[variant]]
+    cmd = [sys.executable, "-m", "chexformer", *train_command(args, variant, seed)]
     out.mkdir(parents=True, exist_ok=True)
     print(" ".join(cmd), flush=True)
     start = time.perf_counter()

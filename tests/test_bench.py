@@ -569,3 +569,33 @@ def test_corner_darkness_counts_the_images_with_dark_corners_per_class(tmp_path)
     mean = round(float(images[0].float().mean()))
     assert (lifted[:, :, 6:, :2] == mean).all() and torch.equal(lifted[:, :, :6], images[:, :, :6])
     assert torch.equal(lifted[:, :, 6:, 2:], images[:, :, 6:, 2:])
+
+
+@pytest.mark.parametrize("variant, epochs, expect", [
+    # the record's variants keep the single-view, black-padded recipe they were measured against
+    ("recipe", 0, {"consistency": 0.0, "pad_fill": "black", "epochs": 14}),
+    ("recipe_e7", 0, {"consistency": 0.0, "pad_fill": "black", "epochs": 7}),
+    ("recipe_160", 4, {"consistency": 0.0, "pad_fill": "black", "epochs": 4, "img_size": 160}),
+    # the config as it stands: its own schedule and settings
+    ("current", 0, None),
+])
+def test_generalisation_variants_resolve_to_the_recipe_they_were_measured_against(
+        variant, epochs, expect, tmp_path, capsys):
+    import argparse
+
+    import yaml
+
+    from chexformer import cli
+    from chexformer.config import load_config
+
+    module = _bench_module("generalisation")
+    config = REPO / "configs" / "kermany.yaml"
+    args = argparse.Namespace(config=config, data_dir=tmp_path, out_dir=tmp_path / "runs", img_size=96,
+                              epochs=epochs)
+    assert cli.main([*module.train_command(args, variant, 0), "--print-config"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    recipe = load_config(str(config))
+    if expect is None:
+        expect = {"consistency": recipe.consistency, "pad_fill": recipe.pad_fill, "epochs": recipe.epochs}
+    assert {k: resolved[k] for k in expect} == expect
+    assert resolved["img_size"] == expect.get("img_size", 96) and resolved["seed"] == 0
