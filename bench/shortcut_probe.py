@@ -21,11 +21,15 @@ This probe measures two things per run, on its validation images (``split.csv``)
 3. **Corner cells.** The two top, then the two bottom, corner cells of the heatmap grid filled
    with the image's mean grey or with black, and per class the mean change of the logit of the
    calibrated probability, with sensitivity / specificity at the stored cut. Black is what the
-   training affine pads with; mean grey is no padding the models have seen. Both go in before the
-   intensity rule, as the padding does; the images were already stretched to 0..255 when decoded,
-   so black barely re-stretches the rest of the image.
+   training affine padded with before ``pad_fill: random``; mean grey is no padding the models have
+   seen. Both go in before the intensity rule, as the padding does; the images were already
+   stretched to 0..255 when decoded, so black barely re-stretches the rest of the image. Controls:
+   as many cells in the middle of the top and bottom rows ("top_centre", "bottom_centre"; grids of
+   3 and more), filled alike, tell a response to the corners from one to any uniform block at that
+   edge; ``--levels`` fills the bottom corners with those constant grey levels too (0 is black,
+   255 white), to see whether the response follows the fill's brightness.
 
-    python bench/shortcut_probe.py runs/r128full-s42 runs/r96-s42 ... [--margin 0.15] [--fill mean]
+    python bench/shortcut_probe.py runs/r128full-s42 runs/r96-s42 ... [--margin 0.15] [--fill mean] [--levels 0 96 255]
 
 The centre box is not a lung mask: the kept band can hold the lungs' outer edges, so "periphery
 only" bounds the shortcut from above.
@@ -53,9 +57,13 @@ def main() -> None:
     p.add_argument("--precision", default="32", help="the scoring precision (default fp32)")
     p.add_argument("--margin", type=float, default=0.15, help="width of the hidden or kept band, per edge")
     p.add_argument("--fill", choices=("mean", "black"), default="mean")
+    p.add_argument("--levels", type=int, nargs="*", default=[], metavar="GREY",
+                   help="also fill the bottom corner cells with these constant grey levels (0-255)")
     a = p.parse_args()
     if not 0 < a.margin < 0.5:
         raise SystemExit(f"--margin must lie in (0, 0.5), got {a.margin}")
+    if any(not 0 <= g <= 255 for g in a.levels):
+        raise SystemExit(f"--levels must lie in 0-255, got {a.levels}")
     print(f"margin {a.margin}, fill {a.fill}; heatmap mass / area share (1.0 = uniform); "
           "AUC and sensitivity / specificity at the stored cut")
     heatmaps, occlusion, corners = [], [], []
@@ -68,7 +76,7 @@ def main() -> None:
     print("\n".join(heatmaps))
     print(f"\n{'run':<20} {'clean AUC; sens/spec':>21} {'band hidden':>21} {'only band kept':>21}")
     print("\n".join(occlusion))
-    print(f"\n{'run':<20} {'corner cells':<14} {'fill':<5} {'logit change NORMAL':>19} "
+    print(f"\n{'run':<20} {'cells':<14} {'fill':<5} {'logit change NORMAL':>19} "
           f"{'PNEUMONIA':>9} {'sens/spec':>11}")
     print("\n".join(corners))
 
@@ -109,10 +117,17 @@ def _one(run: Path, a: argparse.Namespace) -> tuple[list[str], str, list[str]]:
 
     corner_rows = []
     _, clean_logit = calibrated(pred, images)
-    for name, cells in (("top", regions[0]), ("bottom", regions[1])):
+    top_centre, bottom_centre = edge_centres(grid)
+    blocks = [("top", regions[0], ("mean", "black")), ("bottom", regions[1], ("mean", "black", *a.levels)),
+              ("top_centre", top_centre, ("mean", "black")), ("bottom_centre", bottom_centre, ("mean", "black"))]
+    for name, cells, fills in blocks:
+        if not cells.any():
+            continue
         hide = cell_mask(cells, pred.img_size)
-        for fill in ("mean", "black"):
-            p, z = calibrated(pred, occlude(images, hide, fill))
+        for fill in fills:
+            filled = (occlude(images, hide, fill) if isinstance(fill, str)
+                      else torch.where(hide, torch.tensor(fill, dtype=images.dtype), images))
+            p, z = calibrated(pred, filled)
             delta = z - clean_logit
             r = suite_table(y, {"corners": p}, pred.threshold())["rows"]["corners"]
             corner_rows.append(f"{run.name:<20} {name:<14} {fill:<5} {delta[y == 0].mean():>+19.2f} "
@@ -142,6 +157,17 @@ def region_masks(grid: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     inner = torch.zeros(grid, grid, dtype=torch.bool)
     inner[1:grid - 1, 1:grid - 1] = True
     return top, bottom, inner
+
+
+def edge_centres(grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean (grid, grid) masks of two cells in the middle of the top row and two in the middle of
+    the bottom row (one each for a grid of 3; empty for a grid under 3): as many cells as the corner
+    pairs where the grid allows, at the same edge, away from the corners."""
+    top = torch.zeros(grid, grid, dtype=torch.bool)
+    if grid >= 3:
+        middle = [grid // 2] if grid % 2 else [grid // 2 - 1, grid // 2]
+        top[0, middle] = True
+    return top, top.flip(0)
 
 
 def mass_ratio(maps: torch.Tensor, mask: torch.Tensor) -> float:

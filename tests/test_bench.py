@@ -393,7 +393,7 @@ def _check_shortcut_probe(run):
     from chexformer.robustness import suite_table
 
     probe = _bench_module("shortcut_probe")
-    proc = _run(["bench/shortcut_probe.py", str(run), "--margin", "0.2", "--fill", "black"])
+    proc = _run(["bench/shortcut_probe.py", str(run), "--margin", "0.2", "--fill", "black", "--levels", "255"])
     lines = [line for line in proc.stdout.splitlines() if line.startswith(f"{run.name} ")]
     maps = [line.split() for line in lines if "rollout" in line or "Grad-CAM" in line]
     corners = [line.split() for line in lines if line.split()[1] in ("top", "bottom")]
@@ -418,7 +418,9 @@ def _check_shortcut_probe(run):
     assert printed == pytest.approx(expected, abs=5e-4)
 
     # corner cells: at 64 px the 2 x 2 grid's top "corners" are the top half, filled mean, then black
-    assert [c[1:3] for c in corners] == [["top", "mean"], ["top", "black"], ["bottom", "mean"], ["bottom", "black"]]
+    # (a 2 x 2 grid has no centre cells: no top_centre / bottom_centre rows)
+    assert [c[1:3] for c in corners] == [["top", "mean"], ["top", "black"], ["bottom", "mean"], ["bottom", "black"],
+                                         ["bottom", "255"]]
     top_half = probe.cell_mask(probe.region_masks(2)[0], pred.img_size)
     assert top_half[:32].all() and not top_half[32:].any()
     black = pred.predict_images(list(probe.occlude(images, top_half, "black")))
@@ -428,6 +430,11 @@ def _check_shortcut_probe(run):
     assert float(corners[1][3]) == pytest.approx(delta[y == 0].mean(), abs=0.006)
     assert float(corners[1][4]) == pytest.approx(delta[y == 1].mean(), abs=0.006)
     assert corners[1][5] == f"{sens_spec['sensitivity']:.3f}/{sens_spec['specificity']:.3f}"
+    # --levels 255: the bottom half filled white
+    white = pred.predict_images(list(images.masked_fill(~top_half, 255)))
+    delta = logit(white) - logit(probs["clean"])
+    assert float(corners[4][3]) == pytest.approx(delta[y == 0].mean(), abs=0.006)
+    assert float(corners[4][4]) == pytest.approx(delta[y == 1].mean(), abs=0.006)
 
 
 def test_shortcut_probe_regions_masses_and_occlusion():
@@ -438,6 +445,12 @@ def test_shortcut_probe_regions_masses_and_occlusion():
     corner = top | bottom
     assert top.sum() == bottom.sum() == 2 and inner.sum() == 4 and not (corner & inner).any()
     assert top[0, 0] and top[0, 3] and bottom[3, 0] and bottom[3, 3] and inner[1, 1] and inner[2, 2]
+    # the controls: as many cells in the middle of the top and bottom rows, away from the corners
+    top_centre, bottom_centre = probe.edge_centres(4)
+    assert top_centre.sum() == bottom_centre.sum() == 2 and top_centre[0, 1] and top_centre[0, 2]
+    assert bottom_centre[3, 1] and bottom_centre[3, 2] and not ((top_centre | bottom_centre) & (corner | inner)).any()
+    assert [m.nonzero().tolist() for m in probe.edge_centres(3)] == [[[0, 1]], [[2, 1]]]
+    assert not any(m.any() for m in probe.edge_centres(2))
     assert probe.region_masks(3)[2].sum() == 1 and probe.region_masks(2)[2].sum() == 0
     uniform = torch.ones(2, 4, 4)
     assert probe.mass_ratio(uniform, corner) == pytest.approx(1.0)
