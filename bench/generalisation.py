@@ -8,9 +8,10 @@ Each variant is ``configs/kermany.yaml`` plus the overrides in :data:`VARIANTS`,
 ``chexformer train`` (one process at a time: the timings are comparable), into
 ``OUT/<variant>-s<seed>/``. A finished run is reused, so the command can be re-run to extend a
 table. ``--report`` only prints the table of what exists. Every variant of :data:`VARIANTS` was measured
-against the single-view, black-padded recipe (the config before ``consistency: 12`` and
-``pad_fill: random``), so :data:`SINGLE_VIEW_RECIPE` restores that recipe under its overrides (and,
-with ``--epochs 0``, its 14 epochs); the variant ``current`` is the config as it stands. Columns: validation AUC and
+on the single-view recipe with black padding, before the config took ``consistency: 12`` and
+``pad_fill: random``; :data:`SINGLE_VIEW_RECIPE` restores those two settings under the variant's
+overrides (and, with ``--epochs 0``, the 14 epochs); settings the config adopted before those two
+are not restored. The variant ``current`` is the config as it stands. Columns: validation AUC and
 sensitivity/specificity at the stored threshold (clean), the suite's mean and worst-case AUC and
 specificity at that threshold, the threshold itself, the clean-Youden cut of the same checkpoint
 and its range over the run's epochs (``history.csv``), how best.ckpt was selected

@@ -125,9 +125,7 @@ def _one(run: Path, a: argparse.Namespace) -> tuple[list[str], str, list[str]]:
             continue
         hide = cell_mask(cells, pred.img_size)
         for fill in fills:
-            filled = (occlude(images, hide, fill) if isinstance(fill, str)
-                      else torch.where(hide, torch.tensor(fill, dtype=images.dtype), images))
-            p, z = calibrated(pred, filled)
+            p, z = calibrated(pred, occlude(images, hide, fill))
             delta = z - clean_logit
             r = suite_table(y, {"corners": p}, pred.threshold())["rows"]["corners"]
             corner_rows.append(f"{run.name:<20} {name:<14} {fill:<5} {delta[y == 0].mean():>+19.2f} "

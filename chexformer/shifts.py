@@ -196,16 +196,19 @@ class RandomAcquisition(torch.nn.Module):
         return f"p={self.p}, strength={self.strength}"
 
 
-def fill_masked(x: torch.Tensor, mask: torch.Tensor, fill: str = "mean") -> torch.Tensor:
+def fill_masked(x: torch.Tensor, mask: torch.Tensor, fill: str | int = "mean") -> torch.Tensor:
     """uint8 image(s) (..., C, H, W) with the pixels where ``mask`` is True (broadcast against ``x``)
-    set to each image's mean grey level (``fill='mean'``: no new edge of black or white) or to 0
-    (``'black'``, the training affine's padding)."""
+    set to each image's mean grey level (``fill='mean'``: no new edge of black or white), to 0
+    (``'black'``, the training affine's padding before ``pad_fill: random``) or to a grey level
+    0-255 given as an int."""
     if fill == "mean":
         value = x.float().mean(dim=(-3, -2, -1), keepdim=True).round().to(x.dtype)
     elif fill == "black":
         value = torch.zeros((), dtype=x.dtype)
+    elif isinstance(fill, int) and not isinstance(fill, bool) and 0 <= fill <= 255:
+        value = torch.tensor(fill, dtype=x.dtype)
     else:
-        raise ValueError(f"fill must be 'mean' or 'black', got {fill!r}")
+        raise ValueError(f"fill must be 'mean', 'black' or a grey level 0-255, got {fill!r}")
     return torch.where(mask, value.expand_as(x), x)
 
 

@@ -158,6 +158,20 @@ def test_hide_edges_sets_each_band_to_the_mean_grey_and_keeps_the_middle():
     assert all(changed)
 
 
+def test_fill_masked_sets_the_mask_to_mean_black_or_a_grey_level_and_rejects_others():
+    from chexformer.shifts import fill_masked
+
+    x = _image(16)
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[-4:, :4] = True
+    for fill, value in (("mean", round(float(x.float().mean()))), ("black", 0), (96, 96), (255, 255)):
+        out = fill_masked(x, mask, fill)
+        assert (out[:, mask] == value).all() and torch.equal(out[:, ~mask], x[:, ~mask]), fill
+    for bad in ("white", 256, -1, True):
+        with pytest.raises(ValueError, match="grey level"):
+            fill_masked(x, mask, bad)
+
+
 def test_random_affine_pad_black_is_torchvisions_affine_and_random_fills_one_level_per_image():
     from torchvision.transforms import v2
 
