@@ -201,10 +201,9 @@ def fill_masked(x: torch.Tensor, mask: torch.Tensor, fill: str | int = "mean") -
     set to each image's mean grey level (``fill='mean'``: no new edge of black or white), to 0
     (``'black'``, the training affine's padding before ``pad_fill: random``) or to a grey level
     0-255 given as an int."""
+    fill = 0 if fill == "black" else fill
     if fill == "mean":
         value = x.float().mean(dim=(-3, -2, -1), keepdim=True).round().to(x.dtype)
-    elif fill == "black":
-        value = torch.zeros((), dtype=x.dtype)
     elif isinstance(fill, int) and not isinstance(fill, bool) and 0 <= fill <= 255:
         value = torch.tensor(fill, dtype=x.dtype)
     else:
