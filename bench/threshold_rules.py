@@ -18,18 +18,22 @@ under the suite's 24 shifts, one file per checkpoint):
 
 Rules: ``youden_clean`` (Youden's J on clean validation, middle of its flat top: the per-epoch cut of
 ``history.csv``), ``shift_robust``
-(J averaged over the clean and shifted copies: the stored rule) and ``worst`` (the smallest J over
-the copies, maximised: a minimax cut), and ``bagged`` (the shift-robust cut averaged over bootstrap
+(J averaged over the clean and shifted copies: the stored rule), ``worst`` (the smallest J over
+the copies, maximised: a minimax cut), ``bagged`` (the shift-robust cut averaged over bootstrap
 resamples of the images, stratified by class: a bagged cut point, cutpointr's ``maximize_boot_metric``;
-image-level, as the rules see no patient ids). Also printed: each rule chosen and scored on all images
-(``in-sample``, as the suite table in ``validation_shift_suite.json`` does), and that all-image cut
-scored on the same held-out halves (``fixed_cut_worst_spec``): a half has half the images, so its
-worst case over 24 copies is lower even for a cut that saw it; the gap between this column and
-``worst_spec`` is what choosing on the scored images flatters.
+image-level, as the rules see no patient ids), and the sensitivity floors of ``--sens-rules``
+(:func:`sensitivity_cut`; default ``sens_mean0.96``: the highest cut whose sensitivity averaged over
+the 25 copies is >= 0.96, a quantile of the pneumonias' probabilities rather than an argmax of J).
+Also printed: each rule chosen and scored on all images (``in-sample``, as the suite table in
+``validation_shift_suite.json`` does), and that all-image cut scored on the same held-out halves
+(``fixed_cut_worst_spec``): a half has half the images, so its worst case over 24 copies is lower
+even for a cut that saw it; the gap between this column and ``worst_spec`` is what choosing on the
+scored images flatters.
 
 A table of the stored rule's own sampling spread on each model: the shift-robust cut of
 ``--resamples`` bootstrap resamples of the validation images (:func:`bootstrap_cuts`), as quantiles,
-and the range of cuts whose mean J is within 0.005 of its best (:func:`near_best`). Where it is as
+and the range of cuts whose mean J is within 0.005 of its best (:func:`near_best`); beside it each
+sensitivity rule's cut on all images and on the same resamples (:func:`bootstrap_sensitivity_cuts`). Where it is as
 wide as the spread between seeds, the seeds' different cuts are mostly this noise of an argmax over a
 nearly flat J, not different models.
 
@@ -160,17 +164,16 @@ def resample_indices(y: np.ndarray, resamples: int, seed: int) -> np.ndarray:
     return rows
 
 
-def bootstrap_cuts(y: np.ndarray, probs: Probs, indices: np.ndarray, grid: int = 999) -> np.ndarray:
-    """The shift-robust cut (:func:`robust_threshold`, mean Youden J over the copies) of each
-    resample in ``indices`` (rows of :func:`resample_indices`, the same images in every copy).
-    Counts, not copies: a resample is a count per image, and each copy's sensitivity and
-    specificity at every cut come from the counts binned at the grid."""
+def resampled_rates(y: np.ndarray, probs: Probs, indices: np.ndarray, grid: int = 999):
+    """Each copy's sensitivity and specificity at every cut of the grid on each resample in
+    ``indices`` (rows of :func:`resample_indices`, the same images in every copy), as
+    ``(sens, spec)`` pairs of shape ``(resamples, grid)``, one pair per copy in the order of
+    ``probs``. Counts, not copies: a resample is a count per image, binned at the grid."""
     y = np.asarray(y).astype(bool)
     cuts = cut_values(grid)
     r = len(indices)
     weights = np.stack([np.bincount(row, minlength=len(y)) for row in indices]).astype(float)
     offsets = (np.arange(r) * (grid + 1))[:, None]
-    j = np.zeros((r, grid))
     for p in probs.values():
         above = np.searchsorted(cuts, p, side="right")  # p >= cuts[k] exactly when k < above
         flat = (offsets + above[None, :]).ravel()
@@ -178,8 +181,54 @@ def bootstrap_cuts(y: np.ndarray, probs: Probs, indices: np.ndarray, grid: int =
                     for m in (y, ~y))
         sens = np.cumsum(pos[:, ::-1], axis=1)[:, ::-1][:, 1:] / pos.sum(1, keepdims=True)
         spec = np.cumsum(neg, axis=1)[:, :grid] / neg.sum(1, keepdims=True)
-        j += sens + spec - 1
-    return np.array([middle_of_best(cuts, row / len(probs)) for row in j])
+        yield sens, spec
+
+
+def bootstrap_cuts(y: np.ndarray, probs: Probs, indices: np.ndarray, grid: int = 999) -> np.ndarray:
+    """The shift-robust cut (:func:`robust_threshold`, mean Youden J over the copies) of each
+    resample in ``indices`` (:func:`resampled_rates`)."""
+    j = sum(sens + spec - 1 for sens, spec in resampled_rates(y, probs, indices, grid))
+    return np.array([middle_of_best(cut_values(grid), row / len(probs)) for row in j])
+
+
+def highest_cut_reaching(cuts: np.ndarray, sens: np.ndarray, target: float) -> float:
+    """The highest of ``cuts`` whose ``sens`` (one value per cut, falling as the cut rises) is at
+    least ``target``; the lowest cut where none is."""
+    ok = np.flatnonzero(sens >= target - 1e-12)
+    return float(cuts[ok[-1]]) if len(ok) else float(cuts[0])
+
+
+def sensitivity_cut(y: np.ndarray, probs: Probs, target: float, aggregate: str = "mean", grid: int = 999) -> float:
+    """The highest cut at which sensitivity still reaches ``target``: averaged over every copy in
+    ``probs`` (``aggregate="mean"``, clean and shifted) or its smallest value over the shifted copies
+    (``"worst"``). The best specificity that keeps a sensitivity floor under shift; a quantile of
+    the pneumonias' probabilities over the copies, not the argmax of a flat J curve."""
+    if aggregate not in ("mean", "worst"):
+        raise ValueError(f"aggregate must be 'mean' or 'worst', got {aggregate!r}")
+    copies = probs if aggregate == "mean" else {k: p for k, p in probs.items() if k != "clean"}
+    cuts, sens, _ = cut_grid(y, copies, grid)
+    return highest_cut_reaching(cuts, sens.mean(0) if aggregate == "mean" else sens.min(0), target)
+
+
+def bootstrap_sensitivity_cuts(y: np.ndarray, probs: Probs, indices: np.ndarray, target: float,
+                               aggregate: str = "mean", grid: int = 999) -> np.ndarray:
+    """:func:`sensitivity_cut` of each resample in ``indices`` (:func:`resampled_rates`)."""
+    copies = probs if aggregate == "mean" else {k: p for k, p in probs.items() if k != "clean"}
+    sens = np.stack([s for s, _ in resampled_rates(y, copies, indices, grid)])  # (copies, resamples, grid)
+    per_cut = sens.mean(0) if aggregate == "mean" else sens.min(0)
+    return np.array([highest_cut_reaching(cut_values(grid), row, target) for row in per_cut])
+
+
+def sensitivity_rule(spec: str) -> tuple[str, str, float]:
+    """``"mean:0.96"`` -> ``("sens_mean0.96", "mean", 0.96)``: a ``--sens-rules`` entry."""
+    aggregate, _, target = spec.partition(":")
+    try:
+        value = float(target)
+    except ValueError:
+        value = float("nan")
+    if aggregate not in ("mean", "worst") or not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"a sensitivity rule is mean:T or worst:T with T in (0, 1], got {spec!r}")
+    return f"sens_{aggregate}{value:g}", aggregate, value
 
 
 def near_best(y: np.ndarray, probs: Probs, tolerance: float = 0.005) -> tuple[float, float]:
@@ -238,7 +287,13 @@ def main() -> None:
                    help="bootstrap resamples for the table of the stored rule's sampling spread")
     p.add_argument("--min-sens", type=float, default=0.93,
                    help="worst-case sensitivity at which the frontier table compares models (the goal's 0.93)")
+    p.add_argument("--sens-rules", type=sensitivity_rule, nargs="*", default=[sensitivity_rule("mean:0.96")],
+                   metavar="AGG:T", help="sensitivity-floor rules to compare (sensitivity_cut): mean:T, the highest "
+                   "cut whose sensitivity averaged over the copies is >= T, or worst:T, over the shifted copies "
+                   "its smallest (default mean:0.96)")
     a = p.parse_args()
+    for name, aggregate, target in a.sens_rules:
+        RULES[name] = lambda y, probs, aggregate=aggregate, target=target: sensitivity_cut(y, probs, target, aggregate)
     inside, held, front, spread, bands = {}, {}, {}, {}, {}
     for path, name in zip(a.files, labels(a.files)):
         y, patients, probs = load(path)
@@ -249,7 +304,9 @@ def main() -> None:
         held[name] = cross_fit(y, patients, probs, a.repeats, a.seed)
         front[name] = frontier(y, probs, a.min_sens)
         bands[name] = band_shares(y, probs)
-        spread[name] = (bootstrap_cuts(y, probs, resample_indices(y, a.resamples, a.seed)), near_best(y, probs))
+        indices = resample_indices(y, a.resamples, a.seed)
+        spread[name] = (bootstrap_cuts(y, probs, indices), near_best(y, probs),
+                        [bootstrap_sensitivity_cuts(y, probs, indices, t, agg) for _, agg, t in a.sens_rules])
         print(f"{name}: {len(y)} images, {len(np.unique(patients))} patients, {len(probs) - 1} shifted copies",
               flush=True)
     print(table("In-sample (cut chosen and scored on all validation images)", inside, COLUMNS[:7]))
@@ -262,12 +319,16 @@ def main() -> None:
                   + " |")
     print(f"\nThe stored rule's cut (shift_robust) on {a.resamples} bootstrap resamples of each checkpoint's "
           "validation images: its sampling spread on one model")
+    extra = "".join(f" {name}: cut on all images, q25-q75 (sd) |" for name, _, _ in a.sens_rules)
     print("| checkpoint | cut on all images | q10 | q25 | median | q75 | q90 | sd | cuts within 0.005 of the best "
-          "mean J |\n|---|---|---|---|---|---|---|---|---|")
-    for ckpt, (cuts, near) in spread.items():
+          f"mean J |{extra}\n|---|---|---|---|---|---|---|---|---|" + "---|" * len(a.sens_rules))
+    for ckpt, (cuts, near, sens_cuts) in spread.items():
         qs = " | ".join(f"{q:.3f}" for q in np.quantile(cuts, [0.1, 0.25, 0.5, 0.75, 0.9]))
+        others = "".join(f" {inside[ckpt][name]['threshold']:.3f}, {np.quantile(c, 0.25):.3f}-"
+                         f"{np.quantile(c, 0.75):.3f} ({c.std():.3f}) |"
+                         for (name, _, _), c in zip(a.sens_rules, sens_cuts))
         print(f"| {ckpt} | {inside[ckpt]['shift_robust']['threshold']:.3f} | {qs} | {cuts.std():.3f} | "
-              f"{near[0]:.3f}-{near[1]:.3f} |")
+              f"{near[0]:.3f}-{near[1]:.3f} |{others}")
     names = [f"{lo:g}-{hi:g}" for lo, hi in zip(BANDS[:-1], BANDS[1:])]
     print(f"\nWhere the mean-J curve is flat: % of each class's images (all copies) per probability band, "
           f"NORMAL / PNEUMONIA; the last column is mean J at {BANDS[-2]:g} minus mean J at {BANDS[1]:g}")

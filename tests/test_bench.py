@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark scripts: each runs a few steps on tiny inputs in a subprocess."""
 
+import argparse
 import csv
 import json
 import math
@@ -305,6 +306,52 @@ def test_threshold_rules_bootstrap_cuts_are_the_shift_robust_cut_of_each_resampl
     assert np.ptp(cuts) > 0.01  # resampling moves the argmax of this overlapping set
     identity = np.arange(n)[None, :]
     assert rules.bootstrap_cuts(y, probs, identity)[0] == pytest.approx(robust_threshold(y, probs), abs=1e-12)
+
+
+def test_threshold_rules_sensitivity_cut_is_the_highest_cut_keeping_the_floor_on_all_copies_or_the_worst():
+    """Mean: sensitivity averaged over clean and shifted copies; worst: the smallest over the shifted
+    copies only. Checked against the sensitivities the suite scores at the cut and one grid step above."""
+    import numpy as np
+
+    from chexformer.robustness import cut_values
+
+    rng = np.random.default_rng(3)
+    n = 600
+    y = np.arange(n) % 2 == 1
+    # the clean copy's pneumonias spread lowest, so a worst case that counted it would cut lower;
+    # of the shifted copies the dark one drops its pneumonias, so worst and mean differ
+    probs = {"clean": np.where(y, rng.uniform(0.1, 1.0, n), rng.uniform(0.0, 0.5, n)),
+             "dark/severe": np.where(y, rng.uniform(0.2, 0.9, n), rng.uniform(0.0, 0.5, n)),
+             "bright/severe": np.where(y, rng.uniform(0.3, 1.0, n), rng.uniform(0.0, 0.6, n))}
+    rules = _threshold_rules()
+    step = cut_values()[1] - cut_values()[0]
+    for aggregate, target in (("mean", 0.9), ("worst", 0.9), ("mean", 0.8)):
+        t = rules.sensitivity_cut(y, probs, target, aggregate)
+
+        def sens_at(cut, aggregate=aggregate):
+            row = rules.score(y, probs, cut)
+            if aggregate == "worst":
+                return row["worst_sens"]  # over the shifted copies
+            return (row["clean_sens"] + (len(probs) - 1) * row["mean_sens"]) / len(probs)
+
+        assert sens_at(t) >= target > sens_at(t + step)
+    # the worst case follows the dark copy, whose pneumonias sit lower than on average: a lower cut
+    assert rules.sensitivity_cut(y, probs, 0.9, "worst") < rules.sensitivity_cut(y, probs, 0.9, "mean")
+    lowest = min(p[y].min() for p in probs.values())  # a floor of 1.0 keeps every pneumonia of every copy
+    assert rules.sensitivity_cut(y, probs, 1.0, "mean") == cut_values()[cut_values() <= lowest][-1]
+    with pytest.raises(ValueError, match="aggregate"):
+        rules.sensitivity_cut(y, probs, 0.9, "median")
+    # on resamples, the counting shortcut gives the cut sensitivity_cut finds on the resampled images
+    indices = rules.resample_indices(y, 20, seed=5)
+    for aggregate in ("mean", "worst"):
+        cuts = rules.bootstrap_sensitivity_cuts(y, probs, indices, 0.9, aggregate)
+        expected = [rules.sensitivity_cut(y[row], {k: p[row] for k, p in probs.items()}, 0.9, aggregate)
+                    for row in indices]
+        assert cuts == pytest.approx(expected, abs=1e-12) and np.ptp(cuts) > 0.005
+    assert rules.sensitivity_rule("worst:0.95") == ("sens_worst0.95", "worst", 0.95)
+    for bad in ("mean", "median:0.9", "mean:1.5", "mean:x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            rules.sensitivity_rule(bad)
 
 
 def test_threshold_rules_band_shares_add_up_to_the_change_of_mean_j_between_two_cuts():
