@@ -32,10 +32,10 @@ scored images flatters.
 
 A table of the stored rule's own sampling spread on each model: the shift-robust cut of
 ``--resamples`` bootstrap resamples of the validation images (:func:`bootstrap_cuts`), as quantiles,
-and the range of cuts whose mean J is within 0.005 of its best (:func:`near_best`); beside it each
-sensitivity rule's cut on all images and on the same resamples (:func:`bootstrap_sensitivity_cuts`). Where it is as
+and the range of cuts whose mean J is within 0.005 of its best (:func:`near_best`). Where it is as
 wide as the spread between seeds, the seeds' different cuts are mostly this noise of an argmax over a
-nearly flat J, not different models.
+nearly flat J, not different models. Beside it, each sensitivity rule's cut on all images and its
+spread on the same resamples (:func:`bootstrap_sensitivity_cuts`).
 
 Where that curve is flat (:func:`band_shares`): each class's share of the images, pooled over the
 copies, in bands of probability. Mean J at one cut minus mean J at a lower one is the normals' share
