@@ -198,22 +198,26 @@ def highest_cut_reaching(cuts: np.ndarray, sens: np.ndarray, target: float) -> f
     return float(cuts[ok[-1]]) if len(ok) else float(cuts[0])
 
 
+def floor_copies(probs: Probs, aggregate: str) -> Probs:
+    """The copies a sensitivity floor reads: all of them for ``"mean"``, the shifted ones for ``"worst"``."""
+    if aggregate not in ("mean", "worst"):
+        raise ValueError(f"aggregate must be 'mean' or 'worst', got {aggregate!r}")
+    return probs if aggregate == "mean" else {k: p for k, p in probs.items() if k != "clean"}
+
+
 def sensitivity_cut(y: np.ndarray, probs: Probs, target: float, aggregate: str = "mean", grid: int = 999) -> float:
     """The highest cut at which sensitivity still reaches ``target``: averaged over every copy in
     ``probs`` (``aggregate="mean"``, clean and shifted) or its smallest value over the shifted copies
     (``"worst"``). The best specificity that keeps a sensitivity floor under shift; a quantile of
     the pneumonias' probabilities over the copies, not the argmax of a flat J curve."""
-    if aggregate not in ("mean", "worst"):
-        raise ValueError(f"aggregate must be 'mean' or 'worst', got {aggregate!r}")
-    copies = probs if aggregate == "mean" else {k: p for k, p in probs.items() if k != "clean"}
-    cuts, sens, _ = cut_grid(y, copies, grid)
+    cuts, sens, _ = cut_grid(y, floor_copies(probs, aggregate), grid)
     return highest_cut_reaching(cuts, sens.mean(0) if aggregate == "mean" else sens.min(0), target)
 
 
 def bootstrap_sensitivity_cuts(y: np.ndarray, probs: Probs, indices: np.ndarray, target: float,
                                aggregate: str = "mean", grid: int = 999) -> np.ndarray:
     """:func:`sensitivity_cut` of each resample in ``indices`` (:func:`resampled_rates`)."""
-    copies = probs if aggregate == "mean" else {k: p for k, p in probs.items() if k != "clean"}
+    copies = floor_copies(probs, aggregate)
     sens = np.stack([s for s, _ in resampled_rates(y, copies, indices, grid)])  # (copies, resamples, grid)
     per_cut = sens.mean(0) if aggregate == "mean" else sens.min(0)
     return np.array([highest_cut_reaching(cut_values(grid), row, target) for row in per_cut])
