@@ -344,7 +344,20 @@ def fit(trainer: L.Trainer, module: ChexFormerModule, dm: XrayDataModule, run: R
             trainer.world_size, cfg.devices, cfg.num_nodes, trainer.world_size, cfg.batch_size,
             trainer.world_size * cfg.batch_size, cfg.init_lr, cfg.batch_size, trainer.world_size)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
-    trainer.save_checkpoint(run.final)
+    trainer.save_checkpoint(run.final)  # ends with a barrier: every rank has trained and saved
+    release_process_group(trainer)
+
+
+def release_process_group(trainer: L.Trainer) -> None:
+    """After ``fit`` nothing is collective (rank zero scores the suite and the test split alone),
+    so every rank destroys its process group here. Lightning does so at exit only for NCCL; a gloo
+    group (DDP on CPUs) left to interpreter shutdown can abort the process (SIGABRT, "terminate
+    called without an active exception": its worker threads outlive the interpreter,
+    pytorch/pytorch#179291), and on rank > 0, which returns while rank zero still works, Lightning
+    then kills the whole run."""
+    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+        log.info("DDP: rank %d released its process group", trainer.global_rank)
 
 
 def finalize_best(best: Path, train_images, val_images, cfg: Config, out: Path,
