@@ -151,7 +151,13 @@ class EpochBudget(Callback):
     does not fit, the block leaves room for them inside the budget, and the stop rule ends the run as
     before. Once an epoch after the first trains at full size, the rest do too. On a machine where
     every epoch fits at full size nothing changes. ``low_res_epochs`` lists the epochs trained at the
-    low size; it is kept in checkpoints, so a resumed run continues the plan (with a new clock)."""
+    low size; it is kept in checkpoints, so a resumed run continues the plan (with a new clock).
+
+    The first epoch of a process is probed early (after a tenth of its training batches, at least 5
+    or all where there are fewer): ``projected_epochs`` is how many epochs the stop rule is projected
+    to let train at that pace, and where it is fewer than planned a warning says so at once, not an
+    hour later, with what would train them all. Validation is not in the probe, so the count can come
+    out higher than the run's. Not probed with progressive resizing (its own plan adapts the sizes)."""
 
     def __init__(self, minutes: float, reserve: float = 0.0, low_res_ratio: float | None = None,
                  plan: bool = False, full_at_end: int = 3) -> None:
@@ -169,6 +175,8 @@ class EpochBudget(Callback):
         self._longest_full = self._longest_low = 0.0  # per size, for the projections
         self._until = 0  # the module's low_res_until at this epoch's start: epochs before it train small
         self._gap, self._epoch_end = 0.0, None  # the longest pause between epochs (checkpoints, epoch-end hooks)
+        self.projected_epochs: int | None = None  # the early probe's count (the first epoch's first batches)
+        self._probed = low_res_ratio is not None
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._begin = time.perf_counter()
@@ -185,6 +193,26 @@ class EpochBudget(Callback):
         self._until = getattr(pl_module, "low_res_until", 0)
         if epoch < self._until:
             self.low_res_epochs.append(epoch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self._probed:
+            return
+        total = trainer.num_training_batches
+        if not np.isfinite(total) or batch_idx + 1 < min(total, max(5, round(0.1 * total))):
+            return
+        self._probed = True
+        length = (time.perf_counter() - self._epoch_begin) * total / (batch_idx + 1)
+        planned = trainer.max_epochs - trainer.current_epoch
+        self.projected_epochs = self._runs(self._epoch_begin - self._begin, [length] * planned)
+        if self.projected_epochs < planned and getattr(trainer, "is_global_zero", True):
+            log.warning(
+                "epoch_budget_minutes=%g: at this machine's pace (an epoch projected at %.1f min from the first %d "
+                "batches, validation not counted) the budget is projected to let about %d of the %d planned epochs "
+                "train, and will end the run early (summary.json says so). A schedule measured with all %d does "
+                "not carry over to fewer: to train them all, run without the budget (--epoch-budget-minutes 0, "
+                "about %.0f min of training), on a faster machine (a GPU, or a CPU with native bf16), or with a "
+                "cheaper input (a smaller --img-size)", self.seconds / 60, length / 60, batch_idx + 1,
+                self.projected_epochs, planned, planned, planned * length / 60)
 
     def state_dict(self) -> dict:
         return {"low_res_epochs": list(self.low_res_epochs)}

@@ -472,13 +472,14 @@ def _parse_devices(devices: str):
 
 def _time_budget(cfg: Config, trainer: L.Trainer) -> dict[str, Any]:
     """``{"time_budget": ...}`` when ``epoch_budget_minutes`` is set: the budget and the last epoch
-    it let train (0-based; None when the run trained all its ``epochs``)."""
+    it let train (0-based; None when the run trained all its ``epochs``), and the early probe's projected
+    number of epochs (None where it did not probe)."""
     budget = next((c for c in trainer.callbacks if isinstance(c, EpochBudget)), None)
     if budget is None:
         return {}
     return {"time_budget": {"minutes": cfg.epoch_budget_minutes, "reserve": budget.reserve,
                             "epochs": cfg.epochs, "stopped_after_epoch": budget.stopped_after,
-                            "low_res_epochs": budget.low_res_epochs}}
+                            "projected_epochs": budget.projected_epochs, "low_res_epochs": budget.low_res_epochs}}
 
 
 def _float(v) -> float | None:

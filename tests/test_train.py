@@ -822,6 +822,48 @@ def test_epoch_budget_stops_when_the_next_epoch_would_overrun(monkeypatch):
     assert trainer.should_stop and reserved.stopped_after == 1  # 270 s + 375 s > 600 s (without the reserve: 420 s)
 
 
+@pytest.mark.parametrize(("batch_seconds", "projected"), [(3.0, 3), (1.0, 11), (0.5, 14)])
+def test_epoch_budget_warns_early_when_the_machine_is_too_slow_for_the_plan(monkeypatch, caplog, batch_seconds,
+                                                                           projected):
+    from types import SimpleNamespace
+
+    from chexformer import callbacks
+
+    clock = [0.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    trainer = SimpleNamespace(current_epoch=0, max_epochs=14, num_training_batches=100, should_stop=False,
+                              strategy=SimpleNamespace(reduce_boolean_decision=lambda stop, all: stop))
+    budget = callbacks.EpochBudget(minutes=20, reserve=1.0)  # 1,200 s
+    budget.on_train_start(trainer, None)
+    budget.on_train_epoch_start(trainer, None)
+    with caplog.at_level("WARNING", logger="chexformer"):
+        for batch_idx in range(9):
+            clock[0] += batch_seconds
+            budget.on_train_batch_end(trainer, None, None, None, batch_idx)
+        assert budget.projected_epochs is None  # a tenth of the epoch not reached yet
+        clock[0] += batch_seconds
+        budget.on_train_batch_end(trainer, None, None, None, 9)
+        # 100 batches: epochs of 300 / 100 / 50 s; one more epoch plus the reserve must end by 1,200 s:
+        # 3 x 300 + 2 x 300 > 1,200 >= 2 x 300 + 600; 11 x 100 + 200 > 1,200 >= 10 x 100 + 200; 14 x 50 fit
+        assert budget.projected_epochs == projected
+        clock[0] += 1000.0  # probed once: a later slow batch changes nothing
+        budget.on_train_batch_end(trainer, None, None, None, 10)
+    assert budget.projected_epochs == projected
+    warned = [r.getMessage() for r in caplog.records if "projected to let about" in r.getMessage()]
+    if projected < 14:
+        assert len(warned) == 1 and f"about {projected} of the 14 planned epochs" in warned[0]
+        assert "--epoch-budget-minutes 0" in warned[0]
+    else:
+        assert not warned
+    progressive = callbacks.EpochBudget(minutes=20, low_res_ratio=0.5)  # its own plan adapts: no probe
+    progressive.on_train_start(trainer, None)
+    progressive.on_train_epoch_start(trainer, None)
+    for batch_idx in range(20):
+        clock[0] += 60.0
+        progressive.on_train_batch_end(trainer, None, None, None, batch_idx)
+    assert progressive.projected_epochs is None
+
+
 @pytest.mark.parametrize("reserve", [0.0, 1.5])
 @pytest.mark.parametrize("pause", [0, 60])
 def test_epoch_budget_projects_the_end_its_own_stop_rule_reaches(monkeypatch, reserve, pause):
@@ -1051,8 +1093,10 @@ def test_epoch_budget_ends_a_run_on_an_epoch_boundary_and_says_so(tiny_data, tmp
     with caplog.at_level("WARNING", logger="chexformer"):
         summary = train(_cfg(tiny_data, out, epochs=4, checkpoint_selection="last", epoch_budget_minutes=1e-4))
     assert summary["epochs_run"] == 1 and summary["time_budget"] == {
-        "minutes": 1e-4, "reserve": 0.0, "epochs": 4, "stopped_after_epoch": 0, "low_res_epochs": []}
+        "minutes": 1e-4, "reserve": 0.0, "epochs": 4, "stopped_after_epoch": 0, "projected_epochs": 1,
+        "low_res_epochs": []}
     assert "stopping after epoch 1 of 4" in caplog.text
+    assert "projected to let about 1 of the 4 planned epochs" in caplog.text  # said in the first epoch
     assert [int(r["epoch"]) for r in read_history(out / "history.csv")] == [0]
     assert read_checkpoint_file(out / "checkpoints" / "best.ckpt")["epoch"] == 0
     with pytest.raises(ConfigError, match="epoch_budget_minutes"):
