@@ -154,10 +154,13 @@ class EpochBudget(Callback):
     low size; it is kept in checkpoints, so a resumed run continues the plan (with a new clock).
 
     The first epoch of a process is probed early (after a tenth of its training batches, at least 5
-    or all where there are fewer): ``projected_epochs`` is how many epochs the stop rule is projected
-    to let train at that pace, and where it is fewer than planned a warning says so at once, not an
-    hour later, with what would train them all. Validation is not in the probe, so the count can come
-    out higher than the run's. Not probed with progressive resizing (its own plan adapts the sizes)."""
+    or all where there are fewer): ``projected_epochs`` is the epoch the stop rule is projected to let
+    the run reach at that pace (counted from 1, resumed epochs included), and where it is short of
+    ``max_epochs`` a warning says so at once, not an epoch later, with what would train them all. The
+    probe leaves out validation and the pauses between epochs (checkpoints), which make the count
+    come out high, and includes the first batches' warm-up, which makes it come out low: it is a
+    forecast, the stop rule after each epoch decides. Not probed with progressive resizing (its own
+    plan adapts the sizes)."""
 
     def __init__(self, minutes: float, reserve: float = 0.0, low_res_ratio: float | None = None,
                  plan: bool = False, full_at_end: int = 3) -> None:
@@ -202,17 +205,17 @@ class EpochBudget(Callback):
             return
         self._probed = True
         length = (time.perf_counter() - self._epoch_begin) * total / (batch_idx + 1)
-        planned = trainer.max_epochs - trainer.current_epoch
-        self.projected_epochs = self._runs(self._epoch_begin - self._begin, [length] * planned)
-        if self.projected_epochs < planned and getattr(trainer, "is_global_zero", True):
+        left = trainer.max_epochs - trainer.current_epoch
+        self.projected_epochs = trainer.current_epoch + self._runs(self._epoch_begin - self._begin, [length] * left)
+        if self.projected_epochs < trainer.max_epochs and getattr(trainer, "is_global_zero", True):
             log.warning(
                 "epoch_budget_minutes=%g: at this machine's pace (an epoch projected at %.1f min from the first %d "
                 "batches, validation not counted) the budget is projected to let about %d of the %d planned epochs "
                 "train, and will end the run early (summary.json says so). A schedule measured with all %d does "
                 "not carry over to fewer: to train them all, run without the budget (--epoch-budget-minutes 0, "
-                "about %.0f min of training), on a faster machine (a GPU, or a CPU with native bf16), or with a "
+                "about %.0f min of training left), on a faster machine (a GPU, or a CPU with native bf16), or with a "
                 "cheaper input (a smaller --img-size)", self.seconds / 60, length / 60, batch_idx + 1,
-                self.projected_epochs, planned, planned, planned * length / 60)
+                self.projected_epochs, trainer.max_epochs, trainer.max_epochs, left * length / 60)
 
     def state_dict(self) -> dict:
         return {"low_res_epochs": list(self.low_res_epochs)}

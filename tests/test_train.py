@@ -855,6 +855,14 @@ def test_epoch_budget_warns_early_when_the_machine_is_too_slow_for_the_plan(monk
         assert "--epoch-budget-minutes 0" in warned[0]
     else:
         assert not warned
+    resumed = callbacks.EpochBudget(minutes=20, reserve=1.0)  # a resumed run counts the epochs behind it
+    trainer.current_epoch = 6
+    resumed.on_train_start(trainer, None)
+    resumed.on_train_epoch_start(trainer, None)
+    for batch_idx in range(10):
+        clock[0] += batch_seconds
+        resumed.on_train_batch_end(trainer, None, None, None, batch_idx)
+    assert resumed.projected_epochs == min(14, 6 + projected)  # the same pace, 8 epochs left
     progressive = callbacks.EpochBudget(minutes=20, low_res_ratio=0.5)  # its own plan adapts: no probe
     progressive.on_train_start(trainer, None)
     progressive.on_train_epoch_start(trainer, None)
