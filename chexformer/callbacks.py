@@ -179,7 +179,7 @@ class EpochBudget(Callback):
         self._until = 0  # the module's low_res_until at this epoch's start: epochs before it train small
         self._gap, self._epoch_end = 0.0, None  # the longest pause between epochs (checkpoints, epoch-end hooks)
         self.projected_epochs: int | None = None  # the early probe's count (the first epoch's first batches)
-        self._probed = low_res_ratio is not None
+        self._probed = low_res_ratio is not None  # progressive resizing is never probed: its plan adapts
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._begin = time.perf_counter()
