@@ -600,7 +600,8 @@ def test_ssl_pretrain_writes_a_backbone_the_recipe_loads_from_training_patients_
 
 
 def test_corner_darkness_counts_the_images_with_dark_corners_per_class(tmp_path):
-    """bench/corner_darkness.py: two of four A images have black bottom corner cells, no B image has."""
+    """bench/corner_darkness.py: two of four A images have black bottom corner cells, no B image has;
+    one B image has a black bottom centre; --by-name picks the files whose name holds a token."""
     import numpy as np
     from PIL import Image
 
@@ -611,12 +612,18 @@ def test_corner_darkness_counts_the_images_with_dark_corners_per_class(tmp_path)
             img = rng.integers(100, 200, (64, 64), dtype=np.uint8)
             if cls == "A" and i < 2:
                 img[48:, :16] = img[48:, 48:] = 0
+            if cls == "B" and i == 0:
+                img[48:, 16:48] = 0
             Image.fromarray(img).save(tmp_path / cls / f"{i}.png")
-    out = _run(["bench/corner_darkness.py", str(tmp_path), "--img-size", "64"]).stdout.splitlines()
-    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in out if line[:2] in ("A ", "B ")}
+    out = _run(["bench/corner_darkness.py", str(tmp_path), "--img-size", "64", "--by-name", "0"]).stdout.splitlines()
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in out if line[:1] in ("A", "B")}
     # the noise's darkest pixels go to 0 under the intensity rule: a few percent dark everywhere
     assert rows["A"][:2] == [4, 0.0] and rows["A"][3] == 0.5 and 0.5 <= rows["A"][4] < 0.55
     assert rows["B"][0] == 3 and rows["B"][1] == rows["B"][3] == 0.0 and rows["B"][4] < 0.05
+    assert rows["A"][5] == 0.0 and rows["B"][5] == pytest.approx(1 / 3, abs=1e-3)  # bottom centre dark
+    assert rows["B"][6] > 100 and rows["A"][6] > 100  # the median image's bottom centre is grey noise
+    assert rows["B:0"][:1] == [1] and rows["B:0"][5] == 1.0 and rows["B:0"][6] == 0.0  # 0.png alone
+    assert rows["A:0"][:1] == [1] and rows["A:0"][3] == 1.0 and rows["A:0"][5] == 0.0
     probe = _bench_module("corner_darkness")
     grey = np.full((8, 8), 200, np.uint8)
     grey[:2, :2] = 3
