@@ -2,7 +2,7 @@
 
 The generalisation issue saw round 1's attention rollout sit on image corners and borders, where
 laterality markers and collimation edges are: cues of how an image was acquired, not of the lungs.
-This probe measures two things per run, on its validation images (``split.csv``):
+This probe measures, per run, on its validation images (``split.csv``):
 
 1. **Heatmap mass by region.** Attention rollout and Grad-CAM (:func:`chexformer.explain.explain_batch`,
    what ``chexformer explain`` and the viewer draw), each cell's share of the map's mass, summed over
@@ -29,7 +29,13 @@ This probe measures two things per run, on its validation images (``split.csv``)
    edge; ``--levels`` fills the bottom corners with those constant grey levels too (0 is black,
    255 white), to see whether the response follows the fill's brightness.
 
-    python bench/shortcut_probe.py runs/r128full-s42 runs/r96-s42 ... [--margin 0.15] [--fill mean] [--levels 0 96 255]
+4. **The guard** (``--guard``): for each of those images (clean, band hidden, band kept, cells filled),
+   the share per class that the run's out-of-population guard (stored in ``best.ckpt``, the rule of
+   predict, evaluate and serve: :func:`chexformer.guard.population_verdicts`) flags. It tells whether
+   an image the model misreads because part of it is blank would reach a user flagged.
+
+    python bench/shortcut_probe.py runs/r128full-s42 runs/r96-s42 ... [--margin 0.15] [--fill mean]
+        [--levels 0 96 255] [--guard]
 
 The centre box is not a lung mask: the kept band can hold the lungs' outer edges, so "periphery
 only" bounds the shortcut from above.
@@ -45,6 +51,7 @@ import torch
 
 from chexformer.data import XrayDataset, read_split_csv
 from chexformer.explain import explain_batch
+from chexformer.guard import population_verdicts
 from chexformer.inference import Predictor
 from chexformer.robustness import suite_table
 from chexformer.shifts import fill_masked as occlude  # (N, C, S, S) images, a (S, S) mask
@@ -59,6 +66,8 @@ def main() -> None:
     p.add_argument("--fill", choices=("mean", "black"), default="mean")
     p.add_argument("--levels", type=int, nargs="*", default=[], metavar="GREY",
                    help="also fill the bottom corner cells with these constant grey levels (0-255)")
+    p.add_argument("--guard", action="store_true",
+                   help="also the share of each class's images the run's guard flags, per occlusion")
     a = p.parse_args()
     if not 0 < a.margin < 0.5:
         raise SystemExit(f"--margin must lie in (0, 0.5), got {a.margin}")
@@ -66,12 +75,13 @@ def main() -> None:
         raise SystemExit(f"--levels must lie in 0-255, got {a.levels}")
     print(f"margin {a.margin}, fill {a.fill}; heatmap mass / area share (1.0 = uniform); "
           "AUC and sensitivity / specificity at the stored cut")
-    heatmaps, occlusion, corners = [], [], []
+    heatmaps, occlusion, corners, guarded = [], [], [], []
     for run in a.runs:
-        maps, scores, corner_rows = _one(run, a)
+        maps, scores, corner_rows, guard_rows = _one(run, a)
         heatmaps += maps
         occlusion.append(scores)
         corners += corner_rows
+        guarded += guard_rows
     print(f"\n{'run':<20} {'grid':>4} {'map':<8} {'images':<9} {'top corners':>11} {'bottom corners':>14} {'inner':>6}")
     print("\n".join(heatmaps))
     print(f"\n{'run':<20} {'clean AUC; sens/spec':>21} {'band hidden':>21} {'only band kept':>21}")
@@ -79,9 +89,12 @@ def main() -> None:
     print(f"\n{'run':<20} {'cells':<14} {'fill':<5} {'logit change NORMAL':>19} "
           f"{'PNEUMONIA':>9} {'sens/spec':>11}")
     print("\n".join(corners))
+    if a.guard:
+        print(f"\n{'run':<20} {'guard':<5} {'images':<20} {'flagged NORMAL':>14} {'PNEUMONIA':>9}  (out of population)")
+        print("\n".join(guarded))
 
 
-def _one(run: Path, a: argparse.Namespace) -> tuple[list[str], str, list[str]]:
+def _one(run: Path, a: argparse.Namespace) -> tuple[list[str], str, list[str], list[str]]:
     pred = Predictor.from_checkpoint(run / "checkpoints" / f"{a.checkpoint}.ckpt", device="cpu",
                                      precision=a.precision)
     if not pred.binary:
@@ -106,11 +119,9 @@ def _one(run: Path, a: argparse.Namespace) -> tuple[list[str], str, list[str]]:
                                 f"{ratios[1]:>14.2f} {ratios[2]:>6.2f}")
 
     centre = band_mask(pred.img_size, a.margin)  # True inside the band's inner edge
-    probs = {
-        "clean": pred.predict_images(list(images)),
-        "band hidden": pred.predict_images(list(occlude(images, ~centre, a.fill))),
-        "only band kept": pred.predict_images(list(occlude(images, centre, a.fill))),
-    }
+    variants = {"clean": images, "band hidden": occlude(images, ~centre, a.fill),
+                "only band kept": occlude(images, centre, a.fill)}
+    probs = {name: pred.predict_images(list(x)) for name, x in variants.items()}
     rows = suite_table(y, probs, pred.threshold())["rows"]
     scores = " ".join(f"{r['roc_auc']:.3f}; {r['sensitivity']:.3f}/{r['specificity']:.3f}".rjust(21)
                       for r in rows.values())
@@ -125,12 +136,29 @@ def _one(run: Path, a: argparse.Namespace) -> tuple[list[str], str, list[str]]:
             continue
         hide = cell_mask(cells, pred.img_size)
         for fill in fills:
-            p, z = calibrated(pred, occlude(images, hide, fill))
+            variants[f"{name} {fill}"] = filled = occlude(images, hide, fill)
+            p, z = calibrated(pred, filled)
             delta = z - clean_logit
             r = suite_table(y, {"corners": p}, pred.threshold())["rows"]["corners"]
             corner_rows.append(f"{run.name:<20} {name:<14} {fill:<5} {delta[y == 0].mean():>+19.2f} "
                                f"{delta[y == 1].mean():>+9.2f} {r['sensitivity']:.3f}/{r['specificity']:.3f}")
-    return heatmap_rows, f"{run.name:<20} {scores}", corner_rows
+    guard_rows = []
+    if a.guard and pred.guard is None:
+        guard_rows.append(f"{run.name:<20} guard (none in the checkpoint)")
+    elif a.guard:
+        for name, x in variants.items():
+            flagged = flagged_share(pred, x, y)
+            guard_rows.append(f"{run.name:<20} guard {name:<20} {flagged[0]:>8.3f} {flagged[1]:>9.3f}")
+    return heatmap_rows, f"{run.name:<20} {scores}", corner_rows, guard_rows
+
+
+def flagged_share(pred: Predictor, images: torch.Tensor, y: np.ndarray) -> tuple[float, float]:
+    """Per class (0, 1), the share of ``images`` the run's guard calls out of population, by the rule
+    predict, evaluate and serve apply (:func:`chexformer.guard.population_verdicts`)."""
+    out = list(images)
+    verdicts, _ = population_verdicts(out, pred.guard, pred.ood_scores(out))
+    flagged = np.array([v is False for v in verdicts])
+    return tuple(float(flagged[y == c].mean()) if (y == c).any() else float("nan") for c in (0, 1))
 
 
 def calibrated(pred: Predictor, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

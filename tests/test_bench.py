@@ -440,8 +440,11 @@ def _check_shortcut_probe(run):
     from chexformer.robustness import suite_table
 
     probe = _bench_module("shortcut_probe")
-    proc = _run(["bench/shortcut_probe.py", str(run), "--margin", "0.2", "--fill", "black", "--levels", "255"])
+    proc = _run(["bench/shortcut_probe.py", str(run), "--margin", "0.2", "--fill", "black", "--levels", "255",
+                 "--guard"])
     lines = [line for line in proc.stdout.splitlines() if line.startswith(f"{run.name} ")]
+    guarded = [line for line in lines if line.split()[1] == "guard"]
+    lines = [line for line in lines if line not in guarded]
     maps = [line.split() for line in lines if "rollout" in line or "Grad-CAM" in line]
     corners = [line.split() for line in lines if line.split()[1] in ("top", "bottom")]
     assert [m[2:4] for m in maps] == [["rollout", "NORMAL"], ["rollout", "PNEUMONIA"],
@@ -482,6 +485,29 @@ def _check_shortcut_probe(run):
     delta = logit(white) - logit(probs["clean"])
     assert float(corners[4][3]) == pytest.approx(delta[y == 0].mean(), abs=0.006)
     assert float(corners[4][4]) == pytest.approx(delta[y == 1].mean(), abs=0.006)
+
+    # --guard: the tiny run holds no guard (too few images to fit one) and the probe says so, once;
+    # the shares themselves: test_shortcut_probe_flagged_share_counts_guard_and_pixel_verdicts_per_class
+    assert pred.guard is None and [g.split()[1:] for g in guarded] == [["guard", "(none", "in", "the", "checkpoint)"]]
+
+
+def test_shortcut_probe_flagged_share_counts_guard_and_pixel_verdicts_per_class():
+    """bench/shortcut_probe.py --guard: an image counts as flagged where the guard's score passes its
+    threshold or its pixels are no radiograph (a blank frame), the rule of predict and serve, per class."""
+    import types
+
+    import numpy as np
+    import torch
+
+    probe = _bench_module("shortcut_probe")
+    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images[4] = 90  # a blank frame: flagged by its pixels whatever its score
+    scores = np.array([0.5, 2.0, 0.5, 0.5, 0.5])  # the second image lies beyond the guard's threshold of 1
+    pred = types.SimpleNamespace(guard=types.SimpleNamespace(flag=lambda s: ~(np.asarray(s) <= 1.0)),
+                                 ood_scores=lambda x: scores[: len(x)])
+    y = np.array([0, 0, 0, 1, 1])
+    assert probe.flagged_share(pred, images, y) == pytest.approx((1 / 3, 1 / 2))
+    assert probe.flagged_share(pred, images[:3], y[:3])[1] != probe.flagged_share(pred, images[:3], y[:3])[1]  # NaN
 
 
 def test_shortcut_probe_regions_masses_and_occlusion():
