@@ -118,10 +118,21 @@ def _one(run: Path, a: argparse.Namespace) -> tuple[list[str], str, list[str], l
             heatmap_rows.append(f"{run.name:<20} {grid:>4} {name:<8} {label:<9} {ratios[0]:>11.2f} "
                                 f"{ratios[1]:>14.2f} {ratios[2]:>6.2f}")
 
+    guard_rows = []
+    if a.guard and pred.guard is None:
+        guard_rows.append(f"{run.name:<20} guard (none in the checkpoint)")
+
+    def guard_row(name: str, x: torch.Tensor) -> None:  # scored where each variant is made, none kept
+        if a.guard and pred.guard is not None:
+            flagged = flagged_share(pred, x, y)
+            guard_rows.append(f"{run.name:<20} guard {name:<20} {flagged[0]:>8.3f} {flagged[1]:>9.3f}")
+
     centre = band_mask(pred.img_size, a.margin)  # True inside the band's inner edge
-    variants = {"clean": images, "band hidden": occlude(images, ~centre, a.fill),
-                "only band kept": occlude(images, centre, a.fill)}
-    probs = {name: pred.predict_images(list(x)) for name, x in variants.items()}
+    probs = {}
+    for name, x in (("clean", images), ("band hidden", occlude(images, ~centre, a.fill)),
+                    ("only band kept", occlude(images, centre, a.fill))):
+        probs[name] = pred.predict_images(list(x))
+        guard_row(name, x)
     rows = suite_table(y, probs, pred.threshold())["rows"]
     scores = " ".join(f"{r['roc_auc']:.3f}; {r['sensitivity']:.3f}/{r['specificity']:.3f}".rjust(21)
                       for r in rows.values())
@@ -136,19 +147,13 @@ def _one(run: Path, a: argparse.Namespace) -> tuple[list[str], str, list[str], l
             continue
         hide = cell_mask(cells, pred.img_size)
         for fill in fills:
-            variants[f"{name} {fill}"] = filled = occlude(images, hide, fill)
+            filled = occlude(images, hide, fill)
             p, z = calibrated(pred, filled)
+            guard_row(f"{name} {fill}", filled)
             delta = z - clean_logit
             r = suite_table(y, {"corners": p}, pred.threshold())["rows"]["corners"]
             corner_rows.append(f"{run.name:<20} {name:<14} {fill:<5} {delta[y == 0].mean():>+19.2f} "
                                f"{delta[y == 1].mean():>+9.2f} {r['sensitivity']:.3f}/{r['specificity']:.3f}")
-    guard_rows = []
-    if a.guard and pred.guard is None:
-        guard_rows.append(f"{run.name:<20} guard (none in the checkpoint)")
-    elif a.guard:
-        for name, x in variants.items():
-            flagged = flagged_share(pred, x, y)
-            guard_rows.append(f"{run.name:<20} guard {name:<20} {flagged[0]:>8.3f} {flagged[1]:>9.3f}")
     return heatmap_rows, f"{run.name:<20} {scores}", corner_rows, guard_rows
 
 

@@ -207,7 +207,7 @@ class EpochBudget(Callback):
         length = (time.perf_counter() - self._epoch_begin) * total / (batch_idx + 1)
         left = trainer.max_epochs - trainer.current_epoch
         self.projected_epochs = trainer.current_epoch + self._runs(self._epoch_begin - self._begin, [length] * left)
-        if self.projected_epochs < trainer.max_epochs and getattr(trainer, "is_global_zero", True):
+        if self.projected_epochs < trainer.max_epochs and trainer.is_global_zero:
             log.warning(
                 "epoch_budget_minutes=%g: at this machine's pace (an epoch projected at %.1f min from the first %d "
                 "batches, validation not counted) the budget is projected to let about %d of the %d planned epochs "

@@ -832,6 +832,7 @@ def test_epoch_budget_warns_early_when_the_machine_is_too_slow_for_the_plan(monk
     clock = [0.0]
     monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
     trainer = SimpleNamespace(current_epoch=0, max_epochs=14, num_training_batches=100, should_stop=False,
+                              is_global_zero=True,
                               strategy=SimpleNamespace(reduce_boolean_decision=lambda stop, all: stop))
     budget = callbacks.EpochBudget(minutes=20, reserve=1.0)  # 1,200 s
     budget.on_train_start(trainer, None)
