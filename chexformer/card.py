@@ -81,7 +81,7 @@ def model_card(predictor: Predictor, guard: Guard | None = None, checkpoint: str
             "Valid only for the population of the training data (see training_data): other ages, views, "
             "scanners or hospitals can shift the probabilities and the operating point.",
             "The out-of-population guard catches images unlike the training images (photos, documents, "
-            "blank frames); it does not certify that an X-ray is within the model's competence.",
+            "blank frames, large uniform patches); it does not certify that an X-ray is within the model's competence.",
             "Heatmaps show where the evidence for the positive class lies, not a segmentation of disease.",
         ],
     }

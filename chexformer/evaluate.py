@@ -125,9 +125,9 @@ def evaluate_checkpoint(
     del images
     if any(problems):
         blank = [(samples[i].path, p) for i, p in zip(keep, problems) if p is not None]
-        warnings.append(f"{len(blank)} of {len(keep)} images look like no radiograph (column 'warning' of "
+        warnings.append(f"{len(blank)} of {len(keep)} images fail the pixel check (column 'warning' of "
                         f"predictions.csv), e.g. {blank[0][0]}: {blank[0][1]}")
-        log.warning("%d of %d images look like no radiograph; they are scored with the rest (column 'warning' of "
+        log.warning("%d of %d images fail the pixel check; they are scored with the rest (column 'warning' of "
                     "predictions.csv):\n%s", len(blank), len(keep), "\n".join(f"  {p}: {why}" for p, why in blank[:50]))
     if ood is not None:
         flagged = predictor.guard.flag(ood)

@@ -299,7 +299,7 @@ def explain_files(checkpoint, images: Sequence, out_dir, k: int = 6, device: str
     and Grad-CAM overlays, the most active feature maps and the calibrated prediction in one PNG;
     the raw heatmaps (model resolution, float32) next to it as ``.npy``; a row per image in
     ``explain.csv`` (predict's schema plus ``panel`` and ``warning``, set for an image whose pixels
-    show it is no radiograph: :func:`chexformer.guard.pixel_problems`).
+    fail :func:`chexformer.guard.pixel_problems`: blank, a drawing, a large uniform patch).
 
     The heatmaps show the evidence for the positive class (binary) or the predicted class. With
     ``common_scale`` every image's maps share one scale (the largest value of each map kind over
@@ -332,7 +332,7 @@ def explain_files(checkpoint, images: Sequence, out_dir, k: int = 6, device: str
             title = f"{path.name}: {label} (P = {float(probs[c]):.3f}); heatmaps: evidence for {label}"
         problem = pixel_problems([img])[0]
         if problem is not None:
-            log.warning("%s looks like no radiograph (%s): its label and heatmaps mean nothing", path, problem)
+            log.warning("%s fails the pixel check (%s): its label and heatmaps are not to be trusted", path, problem)
             pred.extra["warning"] = problem
             title += f"\nWARNING: {problem}"
         heat = {}

@@ -28,8 +28,10 @@ stores the image size and a fingerprint of the backbone and warns when they diff
 Fitted by ``train.finalize_best`` on the training and validation images and stored in
 ``best.ckpt``; scored by :class:`~chexformer.inference.Predictor` for every prediction.
 
-:func:`pixel_problems` is a cheap check on the pixels themselves (a blank or constant frame), for a
-clearer message to the user; the decision itself is the feature score.
+:func:`pixel_problems` is a cheap check on the pixels themselves, with a reason for the user: a blank
+or constant frame, a drawing, or a large uniform mid-grey patch (a mask, a label box), which the pooled
+features miss (record, "A uniform patch check"). An image it names is out of population whatever its
+feature score.
 """
 
 from __future__ import annotations
@@ -41,12 +43,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 from sklearn.covariance import LedoitWolf
 from sklearn.decomposition import PCA
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Guard", "fit_guard", "pooled_features", "pixel_problems", "population_verdicts", "GUARD_LAYERS"]
+__all__ = ["Guard", "fit_guard", "pooled_features", "pixel_problems", "population_verdicts", "uniform_area",
+           "GUARD_LAYERS"]
 
 GUARD_VERSION = 1
 GUARD_LAYERS = ("denseblock1", "denseblock2", "denseblock3", "norm5")
@@ -92,10 +96,14 @@ def pooled_features(predictor: Any, images: Sequence[torch.Tensor], layers: Sequ
 
 
 def pixel_problems(images: Sequence[torch.Tensor]) -> list[str | None]:
-    """A reason per image whose pixels alone show it is no radiograph (None otherwise).
+    """A reason per image whose pixels alone show the model cannot be trusted on it (None otherwise).
 
     After the intensity rule a constant frame (blank, all black or all white) is all zeros; an
-    image with fewer than 8 grey levels is a drawing or a binary mask, not an exposure."""
+    image with fewer than 8 grey levels is a drawing or a binary mask, not an exposure; an image
+    whose largest uniform mid-grey area (:func:`uniform_area`) covers at least ``UNIFORM_AREA_SHARE``
+    of it holds a mask, a label box or a pasted patch, which the backbone-feature guard does not
+    see and the models read unreliably (normals with one read towards pneumonia:
+    ``bench/shortcut_probe.py``)."""
     reasons: list[str | None] = []
     for img in images:
         levels = torch.unique(img[0]).numel()
@@ -103,9 +111,44 @@ def pixel_problems(images: Sequence[torch.Tensor]) -> list[str | None]:
             reasons.append("blank image (a single grey value)")
         elif levels < 8:
             reasons.append(f"only {levels} grey levels (a drawing or mask, not a radiograph)")
+        elif (share := uniform_area(img)) >= UNIFORM_AREA_SHARE:
+            reasons.append(f"a uniform grey area covers {share:.0%} of the image (a mask, label box or pasted "
+                           f"patch?); the model was not trained on such areas")
         else:
             reasons.append(None)
     return reasons
+
+
+UNIFORM_GRID = 16
+"""Tiles per side for :func:`uniform_area` (8 px tiles at 128 px)."""
+UNIFORM_AREA_SHARE = 1 / 16
+"""The uniform-area share at which :func:`pixel_problems` gives a reason. Measured at 128 px
+(``bench/uniform_area.py``; record, "A uniform patch check"): no Kermany training image reaches it (the
+largest 0.039, 10 tiles), nor does a copy of every 4th under the suite's shifts, but for JPEG at quality
+25 (0.1 % of the pneumonias) and 10 (0.3 % of the normals, 4.5 % of the pneumonias), whose 8 px blocks at
+model size are flat; the probe's two-cell patch covers 0.125."""
+
+
+def uniform_area(img: torch.Tensor, grid: int = UNIFORM_GRID) -> float:
+    """Share of a uint8 image (C, H, W) covered by its largest uniform mid-grey area.
+
+    The image is cut into ``grid`` x ``grid`` tiles; a tile is uniform when its grey levels span at
+    most 2 and its mean lies in 11..244 (black collimation and white saturation are ordinary in
+    radiographs and do not count). Uniform tiles of one level (means within 1) that touch side by side
+    form an area; real exposures carry noise, so a large one is a mask, a box or a pasted patch."""
+    g = img[0].numpy().astype(np.int16)
+    th, tw = g.shape[0] // grid, g.shape[1] // grid
+    if th == 0 or tw == 0:
+        return 0.0
+    tiles = g[:th * grid, :tw * grid].reshape(grid, th, grid, tw).transpose(0, 2, 1, 3).reshape(grid, grid, -1)
+    level = np.rint(tiles.mean(axis=-1)).astype(np.int16)
+    uniform = (tiles.max(axis=-1) - tiles.min(axis=-1) <= 2) & (level > 10) & (level < 245)
+    largest = 0
+    for v in np.unique(level[uniform]):
+        labels, n = ndimage.label(uniform & (np.abs(level - v) <= 1))
+        if n:
+            largest = max(largest, int(np.bincount(labels.ravel())[1:].max()))
+    return largest / (grid * grid)
 
 
 def population_verdicts(images: Sequence[torch.Tensor], guard: Guard | None = None,

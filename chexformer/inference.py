@@ -261,8 +261,9 @@ class Predictor:
         """Score files in order; decoding of the next batch overlaps the model on this one.
         An unreadable file gives a :class:`Prediction` with ``error`` set. With a guard in the
         checkpoint (and ``guard``), ``extra`` holds ``ood_score`` and ``in_distribution``; an image
-        whose pixels show it is no radiograph (:func:`chexformer.guard.pixel_problems`: blank, a few
-        grey levels) gets ``in_distribution`` False and the reason in ``warning``, guard or not."""
+        whose pixels the model cannot be trusted on (:func:`chexformer.guard.pixel_problems`: blank, a few
+        grey levels, a large uniform patch) gets ``in_distribution`` False and the reason in ``warning``, guard
+        or not."""
         use_guard = guard and self.guard is not None
         paths = [Path(p) for p in paths]
         workers = workers or min(4, os.cpu_count() or 1)
@@ -279,7 +280,7 @@ class Predictor:
                     decoded[i] = self._prediction(str(chunk[i]), probs[j], tta)
                     if ood is not None:
                         decoded[i].extra = {"ood_score": float(ood[j]), "in_distribution": verdicts[j]}
-                    if problems[j] is not None:  # with or without a guard: no radiograph, whatever the score
+                    if problems[j] is not None:  # with or without a guard: out, whatever the score
                         decoded[i].extra.update(in_distribution=verdicts[j], warning=problems[j])
                 for i, path in enumerate(chunk):
                     results.append(decoded[i] if isinstance(decoded[i], Prediction)

@@ -76,7 +76,8 @@ def predict_paths(checkpoint: str | Path, paths: Sequence[str | Path], output: s
         write_predictions(Path(output), results, predictor.meta.class_names)
     flagged = [r for r in results if r.extra.get("warning")]
     if flagged:
-        log.warning("%d of %d images look like no radiograph; their labels mean nothing (column 'warning'):\n%s",
+        log.warning("%d of %d images fail the pixel check (blank, a drawing, a large uniform patch); their labels are "
+                    "not to be trusted (column 'warning'):\n%s",
                     len(flagged), len(results), "\n".join(f"  {r.path}: {r.extra['warning']}" for r in flagged[:50]))
     failed = [r for r in results if r.error]
     if failed:

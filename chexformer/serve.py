@@ -248,7 +248,7 @@ def render_overlay(display: np.ndarray, heatmap: np.ndarray | None, opacity: flo
 
 def _verdict_markdown(service: Service, result: Mapping[str, Any]) -> str:
     if result.get("warning"):
-        return f"**Guard: not a usable radiograph** ({result['warning']}). Ignore the probability."
+        return f"**Guard: the pixel check fails** ({result['warning']}). Do not trust the probability."
     if service.guard is None:
         return "Guard: no guard in this checkpoint; nothing checks that the image resembles the training images."
     score, t = result["ood_score"], result["ood_threshold"]

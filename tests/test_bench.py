@@ -692,3 +692,17 @@ def test_generalisation_variants_resolve_to_the_recipe_they_were_measured_agains
         expect = {"consistency": recipe.consistency, "pad_fill": recipe.pad_fill, "epochs": recipe.epochs}
     assert {k: resolved[k] for k in expect} == expect
     assert resolved["img_size"] == expect.get("img_size", 96) and resolved["seed"] == 0
+
+
+def test_uniform_area_names_the_probe_patch_and_no_clean_image(tmp_path):
+    """bench/uniform_area.py: on synthetic radiographs no clean or shifted copy is named but under JPEG
+    at quality 10 (flat 8 px blocks, as on real ones), and every copy with the probe's two-cell mean-grey
+    patch is (1/8 of the image, over the 1/16 rule)."""
+    make_synthetic_dataset(tmp_path, n_per_class=6, img_size=64, seed=0, splits=("train",))
+    proc = _run(["bench/uniform_area.py", str(tmp_path / "train"), "--img-size", "64", "--suite"])
+    rows = {line[:28].strip(): line[28:].split() for line in proc.stdout.splitlines()[3:]}
+    assert len(rows) == 2 + 24
+    assert rows["top-centre cells mean grey"] == ["0.1250", "/", "1.0000"] * 2
+    for name, cells in rows.items():
+        if name not in ("top-centre cells mean grey", "jpeg/10"):
+            assert cells[2::3] == ["0.0000", "0.0000"], name

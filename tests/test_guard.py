@@ -11,8 +11,19 @@ from sklearn.metrics import roc_auc_score
 
 from chexformer import Config, build_model
 from chexformer.checkpoint import CheckpointMeta
-from chexformer.guard import Guard, _fit_layer, _squared_distance, fit_guard, pixel_problems, pooled_features
+from chexformer.data import find_images, load_image, resize_image
+from chexformer.guard import (
+    UNIFORM_AREA_SHARE,
+    Guard,
+    _fit_layer,
+    _squared_distance,
+    fit_guard,
+    pixel_problems,
+    pooled_features,
+    uniform_area,
+)
 from chexformer.inference import Predictor
+from chexformer.shifts import fill_masked, jpeg, standardize_tensor
 from chexformer.synthetic import synthetic_image
 
 from .conftest import SHARED_DATA
@@ -146,6 +157,54 @@ def test_pixel_problems():
     grey = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
     assert pixel_problems([flat, mask, grey]) == ["blank image (a single grey value)",
                                                   "only 2 grey levels (a drawing or mask, not a radiograph)", None]
+
+
+def _noisy(size: int = 128, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(60, 200, (1, size, size), generator=g, dtype=torch.uint8).expand(3, -1, -1).clone()
+
+
+def test_uniform_patch_is_a_pixel_problem():
+    """A mid-grey patch of 1/8 of the image (the probe's two top-centre cells) is named, with its
+    share; black areas (collimation), a patch under 1/16 and a field of flat tiles of alternating
+    levels (JPEG blocks) are not."""
+    noisy = _noisy()
+    grey, black, small, blocks = noisy.clone(), noisy.clone(), noisy.clone(), noisy.clone()
+    grey[:, :32, 32:96] = 128
+    black[:, :32, 32:96] = 0
+    small[:, 40:70, 40:70] = 128  # 30 px: at most 9 whole 8-px tiles, under 16
+    for i in range(8):  # 64 x 64 px of 8-px tiles at levels 100 / 140 / 180 in turn: no two neighbours alike
+        for j in range(8):
+            blocks[:, 32 + 8 * i:40 + 8 * i, 32 + 8 * j:40 + 8 * j] = 100 + 40 * ((i + j) % 3)
+    assert uniform_area(grey) == pytest.approx(32 / 256)
+    assert uniform_area(noisy) == 0.0
+    assert uniform_area(blocks) == pytest.approx(1 / 256)
+    reasons = pixel_problems([noisy, grey, black, small, blocks])
+    assert reasons[0] is None and reasons[2:] == [None, None, None]
+    assert reasons[1].startswith("a uniform grey area covers 12% of the image")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "kermany224" / "train").is_dir(), reason="real chest X-rays not found")
+def test_uniform_patch_check_on_real_radiographs():
+    """Every 8th Kermany training image passes the check, also after JPEG at quality 50; with the
+    probe's mean-grey patch over the two top-centre cells every one fails it."""
+    files = [f for c in ("NORMAL", "PNEUMONIA") for f in find_images(SHARED_DATA / "kermany224" / "train" / c)[::8]]
+    images = [resize_image(load_image(f), 128) for f in files]
+    assert max(uniform_area(x) for x in images) < UNIFORM_AREA_SHARE / 2
+    assert pixel_problems(images) == [None] * len(images)
+    assert pixel_problems([jpeg(x, 50) for x in images]) == [None] * len(images)
+    top_centre = torch.zeros(128, 128, dtype=torch.bool)
+    top_centre[:32, 32:96] = True
+    patched = [fill_masked(x, top_centre) for x in images]
+    assert all(r and r.startswith("a uniform grey area") for r in pixel_problems(patched))
+
+
+def test_synthetic_images_pass_the_pixel_check():
+    """The demo's synthetic radiographs (the embedded default) must not trip the uniform-patch check."""
+    rng = np.random.default_rng(0)
+    images = [standardize_tensor(torch.from_numpy(synthetic_image(rng, 128, opacity=k % 2 == 1)[0]).expand(3, -1, -1))
+              for k in range(40)]
+    assert pixel_problems(images) == [None] * len(images)
 
 
 # ----------------------------------------------------------------------------------------------

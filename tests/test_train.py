@@ -624,7 +624,7 @@ def test_blank_training_images_are_reported_not_silently_learned(tmp_path, caplo
     suspect = {Path(p).name: r for p, r in dm.summary()["suspect_images"]}
     assert set(suspect) == {"IM-9998-0001.png", "person9999_virus_1.png"}
     assert all(r.startswith("blank image") for r in suspect.values())
-    assert "2 image(s) look like no radiograph" in caplog.text
+    assert "2 image(s) fail the pixel check" in caplog.text
     assert len(dm.train_samples) + len(dm.val_samples) == 26  # kept, as labelled (24 train of 32 + 2)
 
 

@@ -172,9 +172,9 @@ class XrayDataModule(L.LightningDataModule):
         self._built = True
 
     def _flag_suspect_images(self) -> None:
-        """Preloaded training and validation images whose pixels show they are no radiograph (blank,
-        a handful of grey levels: :func:`chexformer.guard.pixel_problems`), logged and listed in the
-        run summary (``suspect_images``; null when the images are not preloaded, so not checked);
+        """Preloaded training and validation images whose pixels fail the pixel check (blank,
+        a handful of grey levels, a large uniform patch: :func:`chexformer.guard.pixel_problems`), logged and
+        listed in the run summary (``suspect_images``; null when the images are not preloaded, so not checked);
         they stay in the data, as labelled by the user."""
         from chexformer.guard import pixel_problems  # the guard module needs sklearn: import on use
 
@@ -190,7 +190,7 @@ class XrayDataModule(L.LightningDataModule):
                 if reason is not None:
                     self.suspect.append((sample.path, reason))
         if self.suspect:
-            log.warning("%d image(s) look like no radiograph; they are kept, as labelled, but check them:\n%s",
+            log.warning("%d image(s) fail the pixel check; they are kept, as labelled, but check them:\n%s",
                         len(self.suspect), "\n".join(f"  {p}: {r}" for p, r in self.suspect[:20])
                         + (f"\n  ... and {len(self.suspect) - 20} more (summary.json: data.suspect_images)"
                            if len(self.suspect) > 20 else ""))
