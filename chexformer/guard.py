@@ -113,7 +113,7 @@ def pixel_problems(images: Sequence[torch.Tensor]) -> list[str | None]:
             reasons.append(f"only {levels} grey levels (a drawing or mask, not a radiograph)")
         elif (share := uniform_area(img)) >= UNIFORM_AREA_SHARE:
             reasons.append(f"a uniform grey area covers {share:.0%} of the image (a mask, label box or pasted "
-                           f"patch?); the model was not trained on such areas")
+                           f"patch?); the prediction is not reliable")
         else:
             reasons.append(None)
     return reasons
