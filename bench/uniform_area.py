@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from shortcut_probe import cell_mask, edge_centres  # bench/ is on sys.path when a script of it runs
 
 from chexformer import shifts
 from chexformer.data import find_images, load_image, resize_image
@@ -36,9 +37,7 @@ def main() -> None:
     if not classes:
         raise SystemExit(f"{a.folder}: no class sub-folders")
     images = {c.name: [resize_image(load_image(f), a.img_size) for f in find_images(c)[:: a.every]] for c in classes}
-    s = a.img_size // 4
-    patch = torch.zeros(a.img_size, a.img_size, dtype=torch.bool)
-    patch[:s, s:3 * s] = True
+    patch = cell_mask(edge_centres(4)[0], a.img_size)  # the probe's "top_centre" cells of a 4 x 4 grid
     variants: list[tuple[str, object]] = [("clean", lambda x, g: x),
                                           ("top-centre cells mean grey", lambda x, g: shifts.fill_masked(x, patch))]
     if a.suite:
