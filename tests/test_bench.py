@@ -706,3 +706,41 @@ def test_uniform_area_names_the_probe_patch_and_no_clean_image(tmp_path):
     for name, cells in rows.items():
         if name not in ("top-centre cells mean grey", "jpeg/10"):
             assert cells[2::3] == ["0.0000", "0.0000"], name
+
+
+def test_patch_cue_fills_change_only_the_cells_each_in_its_own_way(monkeypatch):
+    """bench/patch_cue.py's fills at 128 px (a 4 x 4 grid): outside the top-centre cells every fill
+    leaves the image as it was; inside, 'own mean' is flat at the region's mean, 'image mean' at the
+    image's, 'blurred' keeps the region's mean but not its texture, 'noise' keeps mean and spread, and
+    'swapped' is the same cells of another image of the same class."""
+    import numpy as np
+    import torch
+
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # as when the script runs: it imports shortcut_probe
+    module = _bench_module("patch_cue")
+    probe = _bench_module("shortcut_probe")
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (6, 1, 128, 128), dtype=np.uint8)).expand(6, 3, 128, 128)
+    images = images.contiguous()
+    y = np.array([0, 0, 0, 1, 1, 1])
+    regions = module.regions(4)
+    assert [int(regions[k].sum()) for k in ("top_centre", "bottom_centre", "inner")] == [2, 2, 2]
+    assert regions["inner"][2, 1:3].all() and not module.regions(2)["top_centre"].any()
+    hide = probe.cell_mask(regions["top_centre"], 128)
+    out = module.fills(images, hide, y, [4.0, 32.0], torch.Generator().manual_seed(0))
+    assert list(out) == ["image mean", "own mean", "blurred 4", "blurred 32", "noise", "swapped"]
+    inside = images[:, 0][:, hide].float()
+    for name, x in out.items():
+        assert torch.equal(x[:, :, ~hide], images[:, :, ~hide]), name
+        assert torch.equal(x[:, 0], x[:, 2]), name  # still grey
+    region = {k: v[:, 0][:, hide].float() for k, v in out.items()}
+    assert torch.equal(region["own mean"], inside.mean(1, keepdim=True).round().expand_as(inside))
+    assert torch.equal(region["image mean"][:, 0], images.float().mean(dim=(1, 2, 3)).round())
+    for name in ("blurred 4", "blurred 32", "noise"):
+        assert torch.allclose(region[name].mean(1), inside.mean(1), atol=6), name
+    assert (region["blurred 32"].std(1) < region["blurred 4"].std(1)).all()
+    assert (region["blurred 4"].std(1) < 0.5 * inside.std(1)).all()
+    assert torch.allclose(region["noise"].std(1), inside.std(1), rtol=0.1)
+    for i in range(6):  # each image's cells come from another image of its class
+        sources = [j for j in range(6) if torch.equal(region["swapped"][i], inside[j])]
+        assert sources and sources[0] != i and y[sources[0]] == y[i]
