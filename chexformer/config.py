@@ -203,6 +203,10 @@ class Config:
     image to the normalisation mean, 0 in every channel after ``Normalize`` (torchvision
     ``RandomErasing``, Zhong et al. 2020), so no single region, such as a corner marker, decides the
     class; 0 turns it off."""
+    region_blur: float = 0.0
+    """Probability of blurring one random rectangle of a training image (2-33 % of it) with a Gaussian
+    of sigma 8-32 px at 224 px (chexformer.shifts.RandomRegionBlur), so a region with less coarse
+    structure, which reads as pneumonia in the Kermany training images, carries no class; 0 turns it off."""
     edge_occlusion: float = 0.0
     """Probability of hiding a band along each edge of a training image (each edge's width drawn up to
     ``edge_occlusion_max`` of the side) with the image's mean grey level, so markers, collimation
@@ -379,6 +383,7 @@ class Config:
              "brightness and contrast jitter must lie in [0, 1)")
         need(0.0 <= self.acquisition_aug <= 1.0, f"acquisition_aug must lie in [0, 1], got {self.acquisition_aug}")
         need(0.0 <= self.random_erasing <= 1.0, f"random_erasing must lie in [0, 1], got {self.random_erasing}")
+        need(0.0 <= self.region_blur <= 1.0, f"region_blur must lie in [0, 1], got {self.region_blur}")
         need(0.0 <= self.edge_occlusion <= 1.0, f"edge_occlusion must lie in [0, 1], got {self.edge_occlusion}")
         need(self.consistency >= 0, f"consistency must not be negative, got {self.consistency}")
         if self.consistency > 0:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from chexformer import shifts
 from chexformer.config import DEFAULT_PATIENT_REGEX, Config
 from chexformer.data import (
     IMAGE_EXTENSIONS,
@@ -542,6 +543,28 @@ def test_build_transforms_contracts():
     for bad in ({"edge_occlusion": 1.5}, {"edge_occlusion_max": 0.5}, {"edge_occlusion_max": 0.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             cfg.replace(**bad)
+    # region blur: one rectangle blurred at a coarse scale before the intensity rule, the rest as it
+    # was (up to the rule's re-stretch); never at evaluation
+    texture = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
+    noisy = texture.expand(3, 64, 64).contiguous()
+    region = shifts.RandomRegionBlur(p=1.0)
+    torch.manual_seed(3)
+    out = region(noisy)
+    changed = (out != noisy).any(dim=0)
+    rows, cols = changed.any(1).nonzero()[:, 0], changed.any(0).nonzero()[:, 0]
+    box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    assert 0.02 * 64 * 64 * 0.8 <= box <= 0.34 * 64 * 64  # one rectangle of 2-33 %
+    inside = out[0, rows.min():rows.max() + 1, cols.min():cols.max() + 1].float()
+    assert inside.std() < 0.25 * texture.float().std()  # coarse blur: the noise is (nearly) gone
+    assert abs(inside.mean() - texture.float().mean()) < 12  # and the region keeps its brightness
+    assert torch.equal(out[:, ~changed], noisy[:, ~changed]) and torch.equal(out[0], out[2])
+    assert torch.equal(shifts.RandomRegionBlur(p=0.0)(noisy), noisy)
+    with_blur = build_transforms(cfg.replace(region_blur=0.5), train=True, mean=mean, std=std)
+    assert "RandomRegionBlur" in " ".join(type(t).__name__ for t in with_blur.transforms)
+    evaluation = build_transforms(cfg.replace(region_blur=1.0), train=False, mean=mean, std=std)
+    assert "RandomRegionBlur" not in " ".join(type(t).__name__ for t in evaluation.transforms)
+    with pytest.raises(ValueError, match="region_blur"):
+        cfg.replace(region_blur=1.5)
     # pad_fill: what the training affine uncovers is filled with one random grey level per image
     pads = [t for t in build_transforms(cfg.replace(pad_fill="random"), train=True, mean=mean, std=std).transforms
             if type(t).__name__ == "RandomAffinePad"]

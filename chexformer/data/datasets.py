@@ -58,7 +58,8 @@ def build_transforms(cfg, train: bool, mean: Sequence[float] | float, std: Seque
     uncovers filled as ``cfg.pad_fill`` says),
     brightness/contrast jitter and, with ``acquisition_aug > 0``, random acquisition changes
     (:class:`chexformer.shifts.RandomAcquisition`: resolution loss, blur, gamma, noise, JPEG), with
-    ``edge_occlusion > 0`` bands along the edges hidden (:class:`chexformer.shifts.RandomEdgeOcclusion`) and,
+    ``edge_occlusion > 0`` bands along the edges hidden (:class:`chexformer.shifts.RandomEdgeOcclusion`),
+    with ``region_blur > 0`` one rectangle blurred at a coarse scale (:class:`chexformer.shifts.RandomRegionBlur`) and,
     with ``random_erasing > 0``, one erased rectangle at the very end (on the normalised image).
     Never flips (the heart is on the patient's left) and never crops. Every path, training and
     evaluation, ends with the intensity rule on the model-size image
@@ -77,6 +78,8 @@ def build_transforms(cfg, train: bool, mean: Sequence[float] | float, std: Seque
             steps.append(shifts.RandomAcquisition(cfg.acquisition_aug, cfg.acquisition_strength))
         if getattr(cfg, "edge_occlusion", 0) > 0:
             steps.append(shifts.RandomEdgeOcclusion(cfg.edge_occlusion, cfg.edge_occlusion_max))
+        if getattr(cfg, "region_blur", 0) > 0:
+            steps.append(shifts.RandomRegionBlur(cfg.region_blur))
     steps.append(v2.Lambda(shifts.standardize_tensor))
     if getattr(cfg, "intensity", "stretch") == "equalize":
         steps.append(v2.RandomEqualize(p=1.0))
