@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import RandomAffine
+from torchvision.transforms import RandomAffine, RandomErasing
 from torchvision.transforms.v2 import functional as TF
 
 from chexformer.data.io import INTENSITY_PERCENTILES
@@ -245,7 +245,7 @@ class RandomEdgeOcclusion(torch.nn.Module):
 
 class RandomRegionBlur(torch.nn.Module):
     """Training augmentation: with probability ``p``, blur one random rectangle of the image (2-33 %
-    of its area, aspect 0.3-3.3, drawn as torchvision's ``RandomErasing`` draws its rectangle) with a
+    of its area, aspect 0.3-3.3, drawn by torchvision's ``RandomErasing.get_params``) with a
     Gaussian of sigma drawn from ``sigma`` (pixels of a 224 px image, scaled to the image's size).
 
     In the Kermany training images a PNEUMONIA image holds less structure at the scale of 7-18 px
@@ -264,15 +264,9 @@ class RandomRegionBlur(torch.nn.Module):
         if not bool(torch.rand(()) < self.p):
             return x
         h, w = x.shape[-2:]
-        for _ in range(10):  # RandomErasing's draw: area 2-33 %, log-uniform aspect 0.3-3.3
-            area = h * w * float(torch.empty(()).uniform_(0.02, 0.33))
-            aspect = math.exp(float(torch.empty(()).uniform_(math.log(0.3), math.log(1 / 0.3))))
-            rh, rw = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
-            if 0 < rh < h and 0 < rw < w:
-                break
-        else:
+        top, left, rh, rw, _ = RandomErasing.get_params(x, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=[0])
+        if (rh, rw) == (h, w):  # no rectangle drawn in its ten tries: RandomErasing then leaves the image
             return x
-        top, left = int(torch.randint(0, h - rh + 1, ())), int(torch.randint(0, w - rw + 1, ()))
         sigma = float(torch.empty(()).uniform_(*self.sigma)) * w / 224
         out = x.clone()
         out[..., top:top + rh, left:left + rw] = separable_blur(x, sigma)[..., top:top + rh, left:left + rw]
