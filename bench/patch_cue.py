@@ -37,11 +37,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from shortcut_probe import calibrated, cell_mask, edge_centres  # bench/ is on sys.path when a script of it runs
+from shortcut_probe import (  # bench/ is on sys.path when a script of it runs
+    calibrated,
+    cell_mask,
+    edge_centres,
+    load_run,
+)
 from sklearn.metrics import roc_auc_score
 
-from chexformer.data import XrayDataset, find_images, load_image, read_split_csv, resize_image
-from chexformer.inference import Predictor
+from chexformer.data import find_images, load_image, resize_image
 from chexformer.robustness import suite_table
 from chexformer.shifts import blur, fill_masked, standardize_tensor
 
@@ -131,13 +135,7 @@ def fills(images: torch.Tensor, hide: torch.Tensor, y: np.ndarray, sigmas: list[
 
 
 def _one(run: Path, a: argparse.Namespace) -> None:
-    pred = Predictor.from_checkpoint(run / "checkpoints" / f"{a.checkpoint}.ckpt", device="cpu",
-                                     precision=a.precision)
-    if not pred.binary:
-        raise SystemExit(f"{run}: needs a binary model, got {pred.meta.class_names}")
-    dataset = XrayDataset(read_split_csv(run / "split.csv", "val"), pred.img_size, pred.cfg.keep_aspect, preload=True)
-    images = torch.stack([dataset.uint8(i) for i in range(len(dataset))])
-    y = np.asarray(dataset.labels)
+    pred, images, y = load_run(run, a.checkpoint, a.precision)
     cut = pred.threshold()
     p0, z0 = calibrated(pred, images)
     r0 = suite_table(y, {"as is": p0}, cut)["rows"]["as is"]

@@ -94,14 +94,19 @@ def main() -> None:
         print("\n".join(guarded))
 
 
-def _one(run: Path, a: argparse.Namespace) -> tuple[list[str], str, list[str], list[str]]:
-    pred = Predictor.from_checkpoint(run / "checkpoints" / f"{a.checkpoint}.ckpt", device="cpu",
-                                     precision=a.precision)
+def load_run(run: Path, checkpoint: str, precision: str) -> tuple[Predictor, torch.Tensor, np.ndarray]:
+    """A run's binary model (``checkpoints/<checkpoint>.ckpt`` on the CPU) with its validation images
+    (``split.csv``) as uint8 (N, 3, S, S) at the model's size and their labels."""
+    pred = Predictor.from_checkpoint(run / "checkpoints" / f"{checkpoint}.ckpt", device="cpu", precision=precision)
     if not pred.binary:
         raise SystemExit(f"{run}: needs a binary model, got {pred.meta.class_names}")
     dataset = XrayDataset(read_split_csv(run / "split.csv", "val"), pred.img_size, pred.cfg.keep_aspect, preload=True)
     images = torch.stack([dataset.uint8(i) for i in range(len(dataset))])
-    y = np.asarray(dataset.labels)
+    return pred, images, np.asarray(dataset.labels)
+
+
+def _one(run: Path, a: argparse.Namespace) -> tuple[list[str], str, list[str], list[str]]:
+    pred, images, y = load_run(run, a.checkpoint, a.precision)
 
     rollout, gradcam = [], []
     for chunk in images.split(64):
