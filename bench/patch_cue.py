@@ -41,11 +41,11 @@ from shortcut_probe import (  # bench/ is on sys.path when a script of it runs
     calibrated,
     cell_mask,
     edge_centres,
+    folder_images,
     load_run,
 )
 from sklearn.metrics import roc_auc_score
 
-from chexformer.data import find_images, load_image, resize_image
 from chexformer.robustness import suite_table
 from chexformer.shifts import blur, fill_masked, standardize_tensor
 
@@ -86,25 +86,25 @@ def regions(grid: int) -> dict[str, torch.Tensor]:
 
 def structure(folder: Path, img_size: int, every: int, cells: list[str], sigmas: list[float]) -> None:
     """Per cell group and blur, the classes' median structure removed (grey levels) and its ROC AUC."""
-    classes = sorted(d for d in folder.iterdir() if d.is_dir())
+    classes, images = folder_images(folder, img_size, every)
     if len(classes) != 2:
-        raise SystemExit(f"--folder needs two class folders, found {[c.name for c in classes]}")
+        raise SystemExit(f"--folder needs two class folders, found {classes}")
     grid = img_size // 32
     masks = {name: cell_mask(regions(grid)[name], img_size) for name in cells if regions(grid)[name].any()}
     removed = {(name, s): [] for name in masks for s in sigmas}
     labels = []
-    for c, d in enumerate(classes):
-        for f in find_images(d)[::every]:
-            x = standardize_tensor(resize_image(load_image(f), img_size))[:1].float()
+    for c, imgs in enumerate(images):
+        for img in imgs:
+            x = standardize_tensor(img)[:1].float()
             labels.append(c)
             for s in sigmas:
                 detail = (x - blur(x, s)).abs()[0]
                 for name, m in masks.items():
                     removed[name, s].append(float(detail[m].mean()))
     y = np.array(labels)
-    print(f"{folder}: {(y == 0).sum()} {classes[0].name}, {(y == 1).sum()} {classes[1].name} at {img_size} px; "
+    print(f"{folder}: {(y == 0).sum()} {classes[0]}, {(y == 1).sum()} {classes[1]} at {img_size} px; "
           "structure a blur removes (mean |image - blur|, grey levels), median per class; "
-          f"AUC of less = {classes[1].name}")
+          f"AUC of less = {classes[1]}")
     for (name, s), v in removed.items():
         v = np.array(v)
         print(f"  {name:<14} sigma {s:>4g}: {np.median(v[y == 0]):6.2f} / {np.median(v[y == 1]):6.2f}  "

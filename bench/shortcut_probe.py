@@ -49,7 +49,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from chexformer.data import XrayDataset, read_split_csv
+from chexformer.data import (
+    DatasetLayoutError,
+    ImageReadError,
+    XrayDataset,
+    load_image,
+    read_split_csv,
+    resize_image,
+    scan_folder,
+)
 from chexformer.explain import explain_batch
 from chexformer.guard import population_verdicts
 from chexformer.inference import Predictor
@@ -103,6 +111,19 @@ def load_run(run: Path, checkpoint: str, precision: str) -> tuple[Predictor, tor
     dataset = XrayDataset(read_split_csv(run / "split.csv", "val"), pred.img_size, pred.cfg.keep_aspect, preload=True)
     images = torch.stack([dataset.uint8(i) for i in range(len(dataset))])
     return pred, images, np.asarray(dataset.labels)
+
+
+def folder_images(folder: Path, img_size: int, every: int = 1) -> tuple[list[str], list[list[torch.Tensor]]]:
+    """The class names of ``folder`` (``FOLDER/<CLASS>/``, found by the project's scan,
+    :func:`chexformer.data.scan_folder`, nothing decoded there) and, per class, every ``every``-th image
+    decoded as every command decodes it, at ``img_size`` (uint8 (3, S, S)). A bad layout or an
+    unreadable file ends the script with its reason."""
+    try:
+        scan = scan_folder(folder, verify=False, hash_groups=False)
+        paths = [[s.path for s in scan.samples if s.label == c][::every] for c in range(len(scan.class_names))]
+        return scan.class_names, [[resize_image(load_image(p), img_size) for p in ps] for ps in paths]
+    except (DatasetLayoutError, ImageReadError) as e:
+        raise SystemExit(f"{folder}: {e}") from None
 
 
 def _one(run: Path, a: argparse.Namespace) -> tuple[list[str], str, list[str], list[str]]:

@@ -19,10 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from shortcut_probe import cell_mask, edge_centres  # bench/ is on sys.path when a script of it runs
+from shortcut_probe import cell_mask, edge_centres, folder_images  # bench/ is on sys.path when a script of it runs
 
 from chexformer import shifts
-from chexformer.data import find_images, load_image, resize_image
 from chexformer.guard import UNIFORM_AREA_SHARE, uniform_area
 
 
@@ -33,10 +32,7 @@ def main() -> None:
     p.add_argument("--every", type=int, default=1, help="take every k-th image of each class (default: all)")
     p.add_argument("--suite", action="store_true", help="also under each of the suite's 24 shifts")
     a = p.parse_args()
-    classes = sorted(d for d in a.folder.iterdir() if d.is_dir()) if a.folder.is_dir() else []
-    if not classes:
-        raise SystemExit(f"{a.folder}: no class sub-folders")
-    images = {c.name: [resize_image(load_image(f), a.img_size) for f in find_images(c)[:: a.every]] for c in classes}
+    images = dict(zip(*folder_images(a.folder, a.img_size, a.every)))
     patch = cell_mask(edge_centres(4)[0], a.img_size)  # the probe's "top_centre" cells of a 4 x 4 grid
     variants: list[tuple[str, object]] = [("clean", lambda x, g: x),
                                           ("top-centre cells mean grey", lambda x, g: shifts.fill_masked(x, patch))]
