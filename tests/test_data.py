@@ -565,6 +565,27 @@ def test_build_transforms_contracts():
     assert "RandomRegionBlur" not in " ".join(type(t).__name__ for t in evaluation.transforms)
     with pytest.raises(ValueError, match="region_blur"):
         cfg.replace(region_blur=1.5)
+    # where="top_bottom_centre": a band across the middle half of the width at the top or the bottom,
+    # 8-25 % of the height deep, blurred; the lung fields (the middle rows) and the sides never change
+    band = shifts.RandomRegionBlur(p=1.0, where="top_bottom_centre")
+    seen = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out = band(noisy)
+        changed = (out != noisy).any(dim=0)
+        rows, cols = changed.any(1).nonzero()[:, 0], changed.any(0).nonzero()[:, 0]
+        assert cols.min() >= 16 and cols.max() < 48 and cols.max() - cols.min() >= 28  # the middle half
+        edge = "top" if rows.min() == 0 else "bottom"
+        assert rows.max() == 63 if edge == "bottom" else rows.max() < 16  # a band along one edge only
+        assert 5 <= rows.max() - rows.min() + 1 <= 16  # 8-25 % of 64 rows deep
+        assert out[0, rows.min():rows.max() + 1, 18:46].float().std() < 0.25 * texture.float().std()
+        seen.add(edge)
+    assert seen == {"top", "bottom"}
+    with_band = build_transforms(cfg.replace(region_blur=0.5, region_blur_where="top_bottom_centre"), train=True,
+                                 mean=mean, std=std)
+    assert [t.where for t in with_band.transforms if type(t).__name__ == "RandomRegionBlur"] == ["top_bottom_centre"]
+    with pytest.raises(ValueError, match="region_blur_where"):
+        cfg.replace(region_blur_where="lungs")
     # pad_fill: what the training affine uncovers is filled with one random grey level per image
     pads = [t for t in build_transforms(cfg.replace(pad_fill="random"), train=True, mean=mean, std=std).transforms
             if type(t).__name__ == "RandomAffinePad"]

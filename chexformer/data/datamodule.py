@@ -239,7 +239,7 @@ class XrayDataModule(L.LightningDataModule):
         desc = json.dumps({k: getattr(cfg, k) for k in (
             "img_size", "keep_aspect", "augment", "rotation_deg", "pad_fill", "translate", "scale_min", "scale_max",
             "brightness", "contrast", "acquisition_aug", "acquisition_strength", "sharpness_match", "intensity",
-            "random_erasing", "edge_occlusion", "edge_occlusion_max", "region_blur", "seed")}
+            "random_erasing", "edge_occlusion", "edge_occlusion_max", "region_blur", "region_blur_where", "seed")}
             | {"mean": self.mean, "std": self.std, "precision": precision}, sort_keys=True)
         kw = dict(batch_size=max(cfg.batch_size, 32), device=device, autocast_dtype=autocast_dtype(precision),
                   channels_last=cfg.channels_last)

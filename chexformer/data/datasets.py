@@ -79,7 +79,7 @@ def build_transforms(cfg, train: bool, mean: Sequence[float] | float, std: Seque
         if getattr(cfg, "edge_occlusion", 0) > 0:
             steps.append(shifts.RandomEdgeOcclusion(cfg.edge_occlusion, cfg.edge_occlusion_max))
         if getattr(cfg, "region_blur", 0) > 0:
-            steps.append(shifts.RandomRegionBlur(cfg.region_blur))
+            steps.append(shifts.RandomRegionBlur(cfg.region_blur, where=getattr(cfg, "region_blur_where", "anywhere")))
     steps.append(v2.Lambda(shifts.standardize_tensor))
     if getattr(cfg, "intensity", "stretch") == "equalize":
         steps.append(v2.RandomEqualize(p=1.0))
