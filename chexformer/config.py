@@ -207,10 +207,11 @@ class Config:
     """Probability of blurring one random rectangle of a training image (2-33 % of it) with a Gaussian
     of sigma 8-32 px at 224 px (chexformer.shifts.RandomRegionBlur), so a region with less coarse
     structure, which reads as pneumonia in the Kermany training images, carries no class; 0 turns it off."""
-    region_blur_where: str = "anywhere"
+    region_blur_where: Literal["anywhere", "top_bottom_centre"] = "anywhere"
     """Where ``region_blur`` blurs: ``anywhere`` (a rectangle of 2-33 % of the image, as random erasing
     draws one) or ``top_bottom_centre`` (a band 8-25 % of the height deep across the middle half of the
-    width, at the top or the bottom: the neck and upper mediastinum or the upper abdomen, not the lungs)."""
+    width, at the top or the bottom: mostly the neck and upper mediastinum or the upper abdomen, a fixed
+    region, not a lung mask)."""
     edge_occlusion: float = 0.0
     """Probability of hiding a band along each edge of a training image (each edge's width drawn up to
     ``edge_occlusion_max`` of the side) with the image's mean grey level, so markers, collimation
@@ -388,8 +389,6 @@ class Config:
         need(0.0 <= self.acquisition_aug <= 1.0, f"acquisition_aug must lie in [0, 1], got {self.acquisition_aug}")
         need(0.0 <= self.random_erasing <= 1.0, f"random_erasing must lie in [0, 1], got {self.random_erasing}")
         need(0.0 <= self.region_blur <= 1.0, f"region_blur must lie in [0, 1], got {self.region_blur}")
-        need(self.region_blur_where in ("anywhere", "top_bottom_centre"),
-             f"region_blur_where must be 'anywhere' or 'top_bottom_centre', got {self.region_blur_where!r}")
         need(0.0 <= self.edge_occlusion <= 1.0, f"edge_occlusion must lie in [0, 1], got {self.edge_occlusion}")
         need(self.consistency >= 0, f"consistency must not be negative, got {self.consistency}")
         if self.consistency > 0:

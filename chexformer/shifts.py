@@ -257,9 +257,10 @@ class RandomRegionBlur(torch.nn.Module):
     costs worst-case sensitivity and AUC under the shift suite, so it is off by default.
 
     ``where="top_bottom_centre"`` blurs, instead, a band across the middle half of the image's width
-    at its top or its bottom (either with probability 1/2, 8-25 % of the height deep): where a frontal
-    chest film shows the neck and upper mediastinum or the upper abdomen, not the lung fields, which the
-    rectangle of ``"anywhere"`` reaches as often as not (there less structure is the disease)."""
+    at its top or its bottom (either with probability 1/2, 8-25 % of the height deep): on a frontal chest
+    film, mostly the neck and upper mediastinum or the upper abdomen rather than the lung fields, which the
+    rectangle of ``"anywhere"`` often covers (there less structure is the disease). A fixed region, not a
+    lung mask: where the training affine zooms out or shifts, a lung apex or base can reach into it."""
 
     WHERE = ("anywhere", "top_bottom_centre")
 
