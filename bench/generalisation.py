@@ -8,10 +8,11 @@ Each variant is ``configs/kermany.yaml`` plus the overrides in :data:`VARIANTS`,
 ``chexformer train`` (one process at a time: the timings are comparable), into
 ``OUT/<variant>-s<seed>/``. A finished run is reused, so the command can be re-run to extend a
 table. ``--report`` only prints the table of what exists. Every variant of :data:`VARIANTS` was measured
-on the single-view recipe with black padding, before the config took ``consistency: 12`` and
-``pad_fill: random``; :data:`SINGLE_VIEW_RECIPE` restores those two settings under the variant's
-overrides (and, with ``--epochs 0``, the 14 epochs); settings the config adopted before those two
-are not restored. The variant ``current`` is the config as it stands. Columns: validation AUC and
+on the single-view recipe with black padding, before the config took ``consistency: 12``,
+``pad_fill: random`` and the top-and-bottom-centre region blur (``region_blur: 0.5``, stop 73);
+:data:`SINGLE_VIEW_RECIPE` restores those three settings under the variant's overrides (and, with
+``--epochs 0``, the 14 epochs); settings the config adopted before those are not restored. The
+variant ``current`` is the config as it stands. Columns: validation AUC and
 sensitivity/specificity at the stored threshold (clean), the suite's mean and worst-case AUC and
 specificity at that threshold, the threshold itself, the clean-Youden cut of the same checkpoint
 and its range over the run's epochs (``history.csv``), how best.ckpt was selected
@@ -116,7 +117,7 @@ VARIANTS: dict[str, list[str]] = {
 # black padding, before the config adopted consistency 12 with 7 two-view epochs (stop 58) and
 # pad_fill random (stop 62). Without it a variant would now differ from its recorded runs in more
 # than its own overrides.
-SINGLE_VIEW_RECIPE = ["--consistency", "0", "--pad-fill", "black"]
+SINGLE_VIEW_RECIPE = ["--consistency", "0", "--pad-fill", "black", "--region-blur", "0"]
 SINGLE_VIEW_EPOCHS = 14  # the single-view recipe's schedule, used with --epochs 0 (the config's own is two-view)
 UNPINNED = {"current"}
 

@@ -204,14 +204,15 @@ class Config:
     ``RandomErasing``, Zhong et al. 2020), so no single region, such as a corner marker, decides the
     class; 0 turns it off."""
     region_blur: float = 0.0
-    """Probability of blurring one random rectangle of a training image (2-33 % of it) with a Gaussian
-    of sigma 8-32 px at 224 px (chexformer.shifts.RandomRegionBlur), so a region with less coarse
-    structure, which reads as pneumonia in the Kermany training images, carries no class; 0 turns it off."""
+    """Probability of blurring one region of a training image (a random rectangle of 2-33 % of it, or
+    a band: ``region_blur_where``) with a Gaussian of sigma 8-32 px at 224 px
+    (chexformer.shifts.RandomRegionBlur), so a region with less coarse structure, which reads as
+    pneumonia in the Kermany training images, carries no class; 0 turns it off."""
     region_blur_where: Literal["anywhere", "top_bottom_centre"] = "anywhere"
     """Where ``region_blur`` blurs: ``anywhere`` (a rectangle of 2-33 % of the image, as random erasing
     draws one) or ``top_bottom_centre`` (a band 8-25 % of the height deep across the middle half of the
     width, at the top or the bottom: mostly the neck and upper mediastinum or the upper abdomen, a fixed
-    region, not a lung mask)."""
+    region, not a lung mask; ``configs/kermany.yaml``'s choice, with ``region_blur: 0.5``)."""
     edge_occlusion: float = 0.0
     """Probability of hiding a band along each edge of a training image (each edge's width drawn up to
     ``edge_occlusion_max`` of the side) with the image's mean grey level, so markers, collimation

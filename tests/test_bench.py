@@ -666,9 +666,9 @@ def test_corner_darkness_counts_the_images_with_dark_corners_per_class(tmp_path)
 
 @pytest.mark.parametrize("variant, epochs, expect", [
     # the record's variants keep the single-view, black-padded recipe they were measured against
-    ("recipe", 0, {"consistency": 0.0, "pad_fill": "black", "epochs": 14}),
-    ("recipe_e7", 0, {"consistency": 0.0, "pad_fill": "black", "epochs": 7}),
-    ("recipe_160", 4, {"consistency": 0.0, "pad_fill": "black", "epochs": 4, "img_size": 160}),
+    ("recipe", 0, {"consistency": 0.0, "pad_fill": "black", "region_blur": 0.0, "epochs": 14}),
+    ("recipe_e7", 0, {"consistency": 0.0, "pad_fill": "black", "region_blur": 0.0, "epochs": 7}),
+    ("recipe_160", 4, {"consistency": 0.0, "pad_fill": "black", "region_blur": 0.0, "epochs": 4, "img_size": 160}),
     # the config as it stands: its own schedule and settings
     ("current", 0, None),
 ])
@@ -689,7 +689,8 @@ def test_generalisation_variants_resolve_to_the_recipe_they_were_measured_agains
     resolved = yaml.safe_load(capsys.readouterr().out)
     recipe = load_config(str(config))
     if expect is None:
-        expect = {"consistency": recipe.consistency, "pad_fill": recipe.pad_fill, "epochs": recipe.epochs}
+        expect = {"consistency": recipe.consistency, "pad_fill": recipe.pad_fill, "epochs": recipe.epochs,
+                  "region_blur": recipe.region_blur}
     assert {k: resolved[k] for k in expect} == expect
     assert resolved["img_size"] == expect.get("img_size", 96) and resolved["seed"] == 0
 
