@@ -262,7 +262,7 @@ class RandomRegionBlur(torch.nn.Module):
     rectangle of ``"anywhere"`` often covers (there less structure is the disease). A fixed region, not a
     lung mask: where the training affine zooms out or shifts, a lung apex or base can reach into it.
     The Kermany recipe uses it (``configs/kermany.yaml``, record "The band adopted": the cue nearly gone
-    on three seeds, every suite number a little lower)."""
+    on three seeds, every suite number a little lower or level)."""
 
     WHERE = ("anywhere", "top_bottom_centre")
 
