@@ -114,9 +114,9 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 # What the record compared every variant above (except "current") with: the single-view recipe with
-# black padding, before the config adopted consistency 12 with 7 two-view epochs (stop 58) and
-# pad_fill random (stop 62). Without it a variant would now differ from its recorded runs in more
-# than its own overrides.
+# black padding, before the config adopted consistency 12 with 7 two-view epochs (stop 58), pad_fill
+# random (stop 62) and the region blur at the top and bottom centre (stop 73). Without it a variant
+# would now differ from its recorded runs in more than its own overrides.
 SINGLE_VIEW_RECIPE = ["--consistency", "0", "--pad-fill", "black", "--region-blur", "0"]
 SINGLE_VIEW_EPOCHS = 14  # the single-view recipe's schedule, used with --epochs 0 (the config's own is two-view)
 UNPINNED = {"current"}
