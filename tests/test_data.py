@@ -10,6 +10,7 @@ import hashlib
 import io
 import logging
 import shutil
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -586,6 +587,8 @@ def test_build_transforms_contracts():
     assert [t.where for t in with_band.transforms if type(t).__name__ == "RandomRegionBlur"] == ["top_bottom_centre"]
     with pytest.raises(ValueError, match="region_blur_where"):
         cfg.replace(region_blur_where="lungs")
+    # the config's choices and the transform's are one list: a value added to one alone fails here
+    assert typing.get_args(typing.get_type_hints(Config)["region_blur_where"]) == shifts.RandomRegionBlur.WHERE
     # pad_fill: what the training affine uncovers is filled with one random grey level per image
     pads = [t for t in build_transforms(cfg.replace(pad_fill="random"), train=True, mean=mean, std=std).transforms
             if type(t).__name__ == "RandomAffinePad"]
